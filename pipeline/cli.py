@@ -1,0 +1,139 @@
+"""``clipcurate`` / ``python -m pipeline``: run, validate, plan, report and submit pipelines.
+
+    clipcurate validate workflows/demo.yaml
+    clipcurate plan workflows/demo.yaml --set stages.clip_score.batch_size=128
+    clipcurate run workflows/demo.yaml --output out/ [--overwrite] [--dry-run]
+    clipcurate report out/
+    clipcurate submit workflows/demo.yaml --address http://127.0.0.1:8265 -- --output /shared/out
+
+Bad configs fail before any work with one line naming the file, the stage and the key (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _load(args):
+    from pipeline import config, plan
+
+    pipe = config.load(args.file, overrides=args.set, output=getattr(args, "output", None))
+    steps = plan.check(pipe)
+    return pipe, steps
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="pipeline YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="clipcurate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="check a pipeline file and exit")
+    _common(p)
+    p = sub.add_parser("plan", help="print the execution plan (same as run --dry-run)")
+    _common(p)
+    p.add_argument("--output")
+    p = sub.add_parser("run", help="run a pipeline")
+    _common(p)
+    p.add_argument("--output", help="output folder (any fsspec path); overrides 'output:'")
+    p.add_argument("--overwrite", action="store_true", help="replace an output written by another config")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
+    p.add_argument("--no-report", action="store_true", help="do not build report.html at the end")
+    p = sub.add_parser("report", help="(re)build report.html for an output folder")
+    p.add_argument("output")
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
+    _common(p)
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments after -- are passed to 'pipeline run'")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from pipeline.config import ConfigError
+
+    try:
+        if args.cmd == "report":
+            from pipeline import report
+
+            path = report.build_html(args.output)
+            print(f"report: {path}")
+            return 0
+        pipe, steps = _load(args)
+        if args.cmd == "validate":
+            print(f"{args.file}: ok ({len(steps)} stages: {' -> '.join(s.name for s in steps)})")
+            return 0
+        if args.cmd == "plan" or getattr(args, "dry_run", False):
+            from pipeline import plan
+
+            print(plan.describe(pipe, steps))
+            return 0
+        if args.cmd == "submit":
+            return _submit(args)
+        return _run(args, pipe)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, pipe) -> int:
+    from pipeline import executor, report
+
+    printer = report.ProgressPrinter()
+    manifest = executor.run(pipe, overwrite=args.overwrite, on_progress=printer)
+    html = None
+    if not args.no_report:
+        try:
+            html = report.build_html(manifest["output"])
+        except Exception as e:  # noqa: BLE001 - the data is written; a report failure must not hide it
+            logging.getLogger("clipcurate").warning("report.html could not be built: %s", e)
+    report.print_summary(manifest, report_path=html)
+    return 0
+
+
+def _submit(args) -> int:
+    from pipeline import executor
+
+    run_args = [a for a in args.run_args if a != "--"]
+    for s in args.set:
+        run_args += ["--set", s]
+    return executor.submit(args.file, args.address, run_args, os.path.abspath(args.working_dir), _runtime_env())
+
+
+def _runtime_env() -> dict:
+    """The job's runtime env: the project's dependencies from pyproject.toml (minus the ones the
+    cluster image must already have: ray, torch), and the env vars the pipeline needs."""
+    import tomllib
+    from pathlib import Path
+
+    deps: list[str] = []
+    pp = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pp.exists():
+        data = tomllib.loads(pp.read_text())
+        for d in data["project"]["dependencies"]:
+            name = d.split("[")[0].split("=")[0].split("<")[0].split(">")[0].strip().lower()
+            if name not in ("ray", "torch", "torchvision"):
+                deps.append(d)
+    env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    if os.environ.get("CLIPCURATE_SUBMIT_PIP", "1") != "0":
+        env["pip"] = deps
+    return env
+
+
+if __name__ == "__main__":
+    sys.exit(main())

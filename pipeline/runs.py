@@ -1,0 +1,206 @@
+"""The run directory: everything a run keeps so that a rerun resumes instead of starting over.
+
+Layout inside ``OUTPUT`` (any fsspec path)::
+
+    00000.tar  00000.parquet  00000_stats.json      # final shards (stats is written last)
+    manifest.json  report.html
+    _clipcurate/
+        config.json                   # resolved config + hash; a different config is refused
+        input/00000.parquet ...       # the input list split into shards (text only)
+        input/_plan.json              # shard row counts and key digits (written last)
+        state/03_balance.json         # fitted state of each global stage (written once)
+        spill/03/00000.parquet ...    # rows entering global stage 3 (deleted after success)
+
+Every file is written under a temporary name in the same folder and renamed when complete,
+so a reader never sees a partial file and a killed run leaves only ``*.tmp-*`` files, which
+the next run removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import ConfigError, Pipeline
+from schemas.manifest import MANIFEST_NAME, STATE_DIR, shard_name
+from stages.io import TMP_MARK, atomic_write_bytes
+
+
+class OutputInUse(ConfigError):
+    pass
+
+
+def _join(root: str, *parts: str) -> str:
+    return posixpath.join(root.rstrip("/"), *parts)
+
+
+@dataclass
+class InputPlan:
+    counts: list[int]
+    shard_digits: int
+    index_digits: int
+    name_digits: int
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.counts)
+
+    def name(self, shard: int) -> str:
+        return shard_name(shard, self.name_digits)
+
+
+class RunDir:
+    def __init__(self, output: str):
+        self.url = output
+        self.fs, self.root = fsspec.core.url_to_fs(output)
+        self.root = self.root.rstrip("/") or "/"
+        self.state_root = _join(self.root, STATE_DIR)
+
+    # ---- generic atomic I/O -------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return _join(self.root, *parts)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        atomic_write_bytes(self.fs, path, data)
+
+    def write_json(self, path: str, obj: Any) -> None:
+        self.write_bytes(path, json.dumps(obj, indent=1, sort_keys=False, default=str).encode())
+
+    def read_json(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return json.loads(f.read())
+
+    def write_parquet(self, path: str, table: pa.Table) -> int:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue().to_pybytes()
+        self.write_bytes(path, data)
+        return len(data)
+
+    def read_parquet(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def url_of(self, path: str) -> str:
+        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple | list) else self.fs.protocol
+        return path if proto in ("file", "local") else f"{proto}://{path}"
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def prepare(self, pipe: Pipeline, overwrite: bool = False) -> bool:
+        """Check the output against the config. Returns True when resuming a previous run.
+
+        A non-empty output made by a different config (or not by clipcurate) is refused unless
+        ``overwrite``; with ``overwrite`` its shards and run state are deleted first."""
+        cfg_path = _join(self.state_root, "config.json")
+        h = pipe.config_hash()
+        existing = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
+        resuming = False
+        if existing:
+            if self.fs.exists(cfg_path):
+                old = self.read_json(cfg_path)
+                if old.get("config_hash") == h and not overwrite:
+                    resuming = True
+                elif not overwrite:
+                    raise OutputInUse(
+                        f"{pipe.source}: output {self.url} holds a run of a different config "
+                        f"(hash {old.get('config_hash')}, this config is {h}); "
+                        f"use another --output, or --overwrite to replace it"
+                    )
+            elif not overwrite:
+                raise OutputInUse(
+                    f"{pipe.source}: output {self.url} is not empty and was not written by clipcurate; "
+                    f"use another --output, or --overwrite to replace it"
+                )
+            if overwrite:
+                self.clear()
+        self.fs.makedirs(self.state_root, exist_ok=True)
+        if not resuming:
+            self.write_json(cfg_path, {"config_hash": h, "config": pipe.resolved()})
+        self.remove_tmp()
+        return resuming
+
+    def clear(self) -> None:
+        """Delete what clipcurate writes in the output (shards, manifest, report, run state)."""
+        for p in self.fs.ls(self.root, detail=False):
+            base = posixpath.basename(p.rstrip("/"))
+            if base == STATE_DIR:
+                self.fs.rm(p, recursive=True)
+            elif base in (MANIFEST_NAME, "report.html") or _is_shard_file(base):
+                self.fs.rm(p)
+
+    def remove_tmp(self) -> int:
+        n = 0
+        for p in self.fs.find(self.root):
+            if TMP_MARK in posixpath.basename(p):
+                self.fs.rm(p)
+                n += 1
+        return n
+
+    # ---- input shards -------------------------------------------------------------------------
+    def input_path(self, shard: int) -> str:
+        return _join(self.state_root, "input", f"{shard:05d}.parquet")
+
+    def input_plan(self, read_stage, samples_per_shard: int) -> InputPlan:
+        """Split the input into shards once; later runs reuse the split."""
+        from stages.read import key_digits
+
+        plan_path = _join(self.state_root, "input", "_plan.json")
+        if self.fs.exists(plan_path):
+            p = self.read_json(plan_path)
+            return InputPlan(p["counts"], p["shard_digits"], p["index_digits"], p["name_digits"])
+        counts = read_stage.split(samples_per_shard, lambda i, t: self.write_parquet(self.input_path(i), t))
+        sd, idd = key_digits(len(counts), samples_per_shard)
+        plan = InputPlan(counts, sd, idd, max(5, len(str(max(len(counts) - 1, 0)))))
+        self.write_json(plan_path, plan.__dict__)
+        return plan
+
+    # ---- global state and spills ----------------------------------------------------------------
+    def state_path(self, index: int, name: str) -> str:
+        return _join(self.state_root, "state", f"{index:02d}_{name}.json")
+
+    def spill_path(self, index: int, shard: int) -> str:
+        return _join(self.state_root, "spill", f"{index:02d}", f"{shard:05d}.parquet")
+
+    def remove_spills(self) -> None:
+        p = _join(self.state_root, "spill")
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=True)
+
+    # ---- final shards -------------------------------------------------------------------------
+    def completed_shards(self, plan: InputPlan) -> set[int]:
+        """Shards whose three files exist (``_stats.json`` is written last, so it marks completion)."""
+        names = {posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)}
+        done = set()
+        for s in range(plan.n_shards):
+            n = plan.name(s)
+            if {f"{n}.tar", f"{n}.parquet", f"{n}_stats.json"} <= names:
+                done.add(s)
+        return done
+
+    def shard_stats(self) -> list[dict]:
+        out = []
+        for p in sorted(self.fs.glob(_join(self.root, "*_stats.json"))):
+            out.append(self.read_json(p))
+        return out
+
+
+def _is_shard_file(base: str) -> bool:
+    stem = base.split(".")[0].split("_")[0]
+    return stem.isdigit() and (base.endswith((".tar", ".parquet", "_stats.json")) or TMP_MARK in base)
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path of ``url``, or None for remote filesystems."""
+    fs, p = fsspec.core.url_to_fs(url)
+    proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    return os.path.abspath(p) if proto in ("file", "local") else None

@@ -1,0 +1,67 @@
+"""Layout of the run-level files: ``NNNNN_stats.json`` per shard and ``manifest.json`` per run.
+
+These are plain dicts written as JSON. The pydantic models here document and validate them;
+``clipcurate report`` and the tests read the files back through them.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+STATE_DIR = "_clipcurate"  # run state inside the output folder: config, input shards, fit states
+
+
+def shard_name(shard_id: int, digits: int = 5) -> str:
+    return f"{shard_id:0{digits}d}"
+
+
+class ShardStats(BaseModel):
+    """``NNNNN_stats.json`` — img2dataset's per-shard stats, plus per-stage funnels."""
+
+    model_config = ConfigDict(extra="allow")
+
+    shard: str
+    count: int  # rows in this shard (all statuses)
+    successes: int  # ``ok`` rows, i.e. samples in the tar
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    status_dict: dict[str, int] = Field(default_factory=dict)  # status -> count
+    reason_dict: dict[str, int] = Field(default_factory=dict)  # "status: reason" -> count (capped text)
+    stage_status: dict[str, dict[str, int]] = Field(default_factory=dict)  # stage -> status -> count
+    tar_bytes: int = 0
+    parquet_bytes: int = 0
+
+
+class ShardEntry(BaseModel):
+    name: str
+    count: int
+    successes: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    version: int = MANIFEST_VERSION
+    name: str
+    output: str
+    total_rows: int  # rows in == rows out: every input row is in some shard Parquet
+    total_samples: int  # ``ok`` rows: use as open_clip's --train-num-samples
+    shard_pattern: str  # brace pattern for the tars, e.g. out/{00000..00041}.tar
+    shards: list[ShardEntry]
+    status_counts: dict[str, int]
+    stage_status: dict[str, dict[str, int]]  # stage -> status -> rows it set (rows it rejected or kept)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)  # busy seconds summed over workers (this run)
+    stage_rows: dict[str, int] = Field(default_factory=dict)  # rows each stage processed (this run)
+    fit_seconds: dict[str, float] = Field(default_factory=dict)  # global stages' fit pass (this run)
+    resumed: bool = False
+    input_rows: int = 0
+    models: dict[str, dict] = Field(default_factory=dict)  # stage -> model names, tags, prompts
+    global_state: dict[str, dict] = Field(default_factory=dict)  # stage -> summary of fitted state
+    config: dict
+    config_hash: str
+    versions: dict[str, str]
+    started_at: str
+    finished_at: str
+    wall_seconds: float

@@ -1,0 +1,105 @@
+"""The Arrow row schema.
+
+One row is one image-text pair. ``BASE_FIELDS`` exist from the read stage on; stages add the
+columns listed in ``STAGE_FIELDS`` (the planner checks that every column a stage requires is
+produced upstream). Column names follow img2dataset / DataComp.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+BASE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("key", pa.string(), nullable=False),
+    pa.field("url", pa.string()),
+    pa.field("caption", pa.string()),
+    pa.field("image", pa.binary()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("original_width", pa.int32()),
+    pa.field("original_height", pa.int32()),
+    pa.field("sha256", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("reason", pa.string()),
+    pa.field("rejected_by", pa.string()),  # name of the stage that set a non-ok status
+)
+BASE_SCHEMA = pa.schema(BASE_FIELDS)
+
+# Columns that stages may add. A stage's ``produces`` must name columns from this table
+# (or, for pass-through user columns such as ``save_additional_columns``, declare them at
+# run time through ``Stage.extra_produces``).
+STAGE_FIELDS: dict[str, pa.DataType] = {
+    # download
+    "exif": pa.string(),
+    "http_status": pa.int32(),
+    # clip_score
+    "clip_score": pa.float32(),
+    "image_embedding": pa.list_(pa.float16()),
+    "text_embedding": pa.list_(pa.float16()),
+    # filters
+    "language": pa.string(),
+    # balance
+    "metaclip_entries": pa.list_(pa.int32()),
+    # rewrite
+    "caption_rewrites": pa.list_(pa.string()),
+    "rewrite_reason": pa.string(),
+}
+
+# Columns nulled when a row is rejected (they are the expensive ones to carry around).
+HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
+# Columns that never go in a sample's ``.json`` inside the tar.
+TAR_EXCLUDED_COLUMNS: frozenset[str] = frozenset({"image", "image_embedding", "text_embedding"})
+
+
+def field_type(name: str) -> pa.DataType | None:
+    for f in BASE_FIELDS:
+        if f.name == name:
+            return f.type
+    return STAGE_FIELDS.get(name)
+
+
+def known_columns() -> set[str]:
+    return {f.name for f in BASE_FIELDS} | set(STAGE_FIELDS)
+
+
+def empty_table(extra: dict[str, pa.DataType] | None = None) -> pa.Table:
+    fields = list(BASE_FIELDS) + [pa.field(k, v) for k, v in (extra or {}).items()]
+    return pa.schema(fields).empty_table()
+
+
+def conform(table: pa.Table, extra_columns: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Return ``table`` with every base column present (nulls where missing), base columns first
+    in schema order, each cast to its schema type. Other columns keep their order after them."""
+    n = table.num_rows
+    cols, names = [], []
+    for f in BASE_FIELDS:
+        if f.name in table.column_names:
+            col = table.column(f.name)
+            if col.type != f.type:
+                col = col.cast(f.type)
+        else:
+            col = pa.nulls(n, f.type)
+        cols.append(col)
+        names.append(f.name)
+    for name in table.column_names:
+        if name in names:
+            continue
+        col = table.column(name)
+        want = (extra_columns or {}).get(name) or STAGE_FIELDS.get(name)
+        if want is not None and col.type != want:
+            col = col.cast(want)
+        cols.append(col)
+        names.append(name)
+    return pa.Table.from_arrays(cols, names=names)
+
+
+def null_heavy(table: pa.Table, mask: pa.Array) -> pa.Table:
+    """Null the heavy columns (``HEAVY_COLUMNS``) where ``mask`` is true."""
+    import pyarrow.compute as pc
+
+    for name in HEAVY_COLUMNS:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            col = table.column(name)
+            table = table.set_column(i, name, pc.if_else(mask, pa.nulls(len(col), col.type), col))
+    return table

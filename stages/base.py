@@ -1,0 +1,269 @@
+"""The stage contract.
+
+A stage is a plain class: Arrow table in, Arrow table out, no Ray.
+
+    stage = ClipScore(ClipScoreConfig(...))
+    stage.setup()                # once per worker: load models, open sessions
+    out = stage(table)           # any number of times
+
+Rules every stage follows (enforced here, so stage code stays small):
+
+* ``__call__`` hands only the ``ok`` rows to ``process``; other rows pass through untouched
+  (their ``produces`` columns are null) and the output keeps the input's row order.
+* ``process`` may change ``status``/``reason`` of rows it rejects; the base class nulls the
+  heavy columns (``image``, embeddings) of rows that stopped being ``ok``.
+* ``process`` receives at most ``batch_size`` rows at a time (the stage's micro-batch); the
+  executor may hand a whole shard to ``__call__``.
+* If ``process`` raises on a micro-batch, the batch is retried row by row and each row that
+  still raises becomes ``stage_error`` with the exception as its reason. Bad rows never kill
+  a run.
+
+Global stages (``is_global = True``) need statistics over the whole pool before they can
+decide about a row. They add three methods:
+
+* ``fit_columns``: the columns ``fit_partial`` reads (the executor reads only those).
+* ``fit_partial(table) -> state``: small picklable state for one batch (counts, scores...).
+* ``merge(states) -> state``: combine partial states; must be associative and order-free.
+* ``load_state(state)``: install the merged state before ``__call__``.
+
+The executor computes the state with Ray before the apply pass and persists it as JSON in the
+run directory, so a resumed run reuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
+
+from schemas import OK, STAGE_FIELDS, Status, conform, field_type, null_heavy
+
+log = logging.getLogger(__name__)
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), ser_json_inf_nan="constants")
+
+
+class ComputeConfig(StageConfig):
+    """Keys shared by stages that run as actor pools (model-bearing stages)."""
+
+    batch_size: int = 64
+    concurrency: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the executor should schedule a stage.
+
+    ``actor`` is true for stages that hold state from ``setup`` (models, sessions): they run as
+    an actor pool of ``concurrency`` actors. Stateless stages run as tasks.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    concurrency: int | None = None
+    batch_size: int | None = None
+    actor: bool = False
+
+
+def _max_rows(n: int) -> int:
+    return max(1, n)
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    requires: ClassVar[tuple[str, ...]] = ()
+    produces: ClassVar[tuple[str, ...]] = ()
+    is_global: ClassVar[bool] = False
+    fit_columns: ClassVar[tuple[str, ...]] = ()
+    # Stages that act on every row, not only ``ok`` ones (for example the writer).
+    sees_all_rows: ClassVar[bool] = False
+
+    def __init__(self, config: StageConfig | dict | None = None):
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config(**config)
+        self.config = config
+        self._setup_done = False
+
+    # ---- declared behaviour -------------------------------------------------------------
+    def resources(self) -> Resources:
+        return Resources()
+
+    def extra_produces(self) -> dict[str, pa.DataType]:
+        """Columns this configured stage adds beyond ``produces`` (for example user columns
+        kept by ``save_additional_columns``). Name -> Arrow type."""
+        return {}
+
+    def output_columns(self) -> dict[str, pa.DataType]:
+        cols = {c: STAGE_FIELDS.get(c) or field_type(c) for c in self.produces}
+        cols.update(self.extra_produces())
+        return cols
+
+    def model_info(self) -> dict[str, Any]:
+        """Names and tags of models (and prompts) this stage uses, for the manifest."""
+        return {}
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.config, "batch_size", None)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load heavy state once per worker. Default: nothing to load."""
+
+    def _ensure_setup(self) -> None:
+        if not self._setup_done:
+            self.setup()
+            self._setup_done = True
+
+    def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- global stages -----------------------------------------------------------------
+    def fit_partial(self, batch: pa.Table) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def merge(self, states: list[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_state(self, state: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_summary(self, state: Any) -> dict[str, Any]:
+        """A small summary of the fitted state for the manifest and the report."""
+        return {}
+
+    # ---- the call -------------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._ensure_setup()
+        batch = conform(batch)
+        out_cols = self.output_columns()
+        if batch.num_rows == 0:
+            return _add_missing(batch, out_cols)
+        if self.sees_all_rows:
+            return self._run_chunks(batch, out_cols)
+        ok_mask = pc.equal(batch.column("status"), OK).fill_null(False)
+        n_ok = pc.sum(ok_mask.cast(pa.int64())).as_py() or 0
+        if n_ok == batch.num_rows:
+            return self._run_chunks(batch, out_cols)
+        if n_ok == 0:
+            return _add_missing(batch, out_cols)
+        # Split ok / not-ok, process ok rows, and put rows back in input order.
+        import numpy as np
+
+        idx = pa.array(np.arange(batch.num_rows, dtype=np.int64))
+        ok_idx = pc.filter(idx, ok_mask)
+        rest_idx = pc.filter(idx, pc.invert(ok_mask))
+        done = self._run_chunks(batch.take(ok_idx), out_cols)
+        rest = _add_missing(batch.take(rest_idx), out_cols)
+        rest = _align_columns(rest, done)
+        merged = pa.concat_tables([done, rest], promote_options="permissive")
+        order = pc.sort_indices(pa.concat_arrays([ok_idx, rest_idx]))
+        return merged.take(order)
+
+    def _run_chunks(self, batch: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
+        size = self.batch_size or batch.num_rows
+        pieces = []
+        for start in range(0, batch.num_rows, _max_rows(size)):
+            chunk = batch.slice(start, size)
+            pieces.append(self._safe_process(chunk, out_cols))
+        if len(pieces) == 1:
+            return pieces[0]
+        pieces = [_align_columns(p, pieces[0]) for p in pieces]
+        return pa.concat_tables(pieces, promote_options="permissive").combine_chunks()
+
+    def _safe_process(self, chunk: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
+        try:
+            out = self._finish(chunk, self.process(chunk), out_cols)
+        except Exception:
+            if chunk.num_rows == 1:
+                return self._error_row(chunk, out_cols)
+            log.warning("stage %s raised on a batch of %d rows; retrying row by row", self.name, chunk.num_rows)
+            rows = []
+            for i in range(chunk.num_rows):
+                one = chunk.slice(i, 1)
+                try:
+                    rows.append(self._finish(one, self.process(one), out_cols))
+                except Exception:
+                    rows.append(self._error_row(one, out_cols))
+            rows = [_align_columns(r, rows[0]) for r in rows]
+            return pa.concat_tables(rows, promote_options="permissive")
+        return out
+
+    def _finish(self, inp: pa.Table, out: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
+        if out.num_rows != inp.num_rows:
+            raise RuntimeError(
+                f"stage {self.name!r} returned {out.num_rows} rows for {inp.num_rows}: stages must not drop rows"
+            )
+        out = _add_missing(conform(out, out_cols), out_cols)
+        rejected = pc.not_equal(out.column("status"), OK).fill_null(True)
+        was_ok = pc.equal(inp.column("status"), OK).fill_null(False)
+        newly = pc.and_(rejected, was_ok)
+        by = pc.if_else(newly, pa.array([self.name] * out.num_rows, pa.string()), out.column("rejected_by"))
+        out = out.set_column(out.column_names.index("rejected_by"), "rejected_by", by)
+        return null_heavy(out, rejected)
+
+    def _error_row(self, row: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
+        exc = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        log.warning("stage %s failed on key %s: %s", self.name, row.column("key")[0].as_py(), exc)
+        row = set_status(row, pa.array([True]), Status.STAGE_ERROR, f"{self.name}: {exc}"[:300])
+        row = replace_column(row, "rejected_by", [self.name])
+        return null_heavy(_add_missing(row, out_cols), pa.array([True]))
+
+
+# ---- helpers shared by stages --------------------------------------------------------------
+
+
+def _add_missing(table: pa.Table, cols: dict[str, pa.DataType]) -> pa.Table:
+    for name, typ in cols.items():
+        if name not in table.column_names:
+            table = table.append_column(pa.field(name, typ), pa.nulls(table.num_rows, typ))
+    return table
+
+
+def _align_columns(table: pa.Table, like: pa.Table) -> pa.Table:
+    """Give ``table`` the columns of ``like`` in the same order (nulls for missing ones)."""
+    for f in like.schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    names = like.column_names + [c for c in table.column_names if c not in like.column_names]
+    return table.select(names)
+
+
+def set_status(table: pa.Table, mask, status: str, reasons) -> pa.Table:
+    """Set ``status``/``reason`` where ``mask`` is true. ``reasons`` is one string or one per row."""
+    mask = pa.array(mask, pa.bool_()) if not isinstance(mask, pa.Array | pa.ChunkedArray) else mask
+    n = table.num_rows
+    st = pc.if_else(mask, pa.array([str(status)] * n, pa.string()), table.column("status"))
+    if isinstance(reasons, str):
+        rs = pa.array([reasons] * n, pa.string())
+    else:
+        rs = pa.array(list(reasons), pa.string())
+    rsn = pc.if_else(mask, rs, table.column("reason"))
+    table = table.set_column(table.column_names.index("status"), "status", st)
+    table = table.set_column(table.column_names.index("reason"), "reason", rsn)
+    return table
+
+
+def replace_column(table: pa.Table, name: str, values, typ: pa.DataType | None = None) -> pa.Table:
+    """Set or append column ``name``."""
+    typ = typ or field_type(name)
+    arr = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(values, typ)
+    if typ is not None and arr.type != typ:
+        arr = arr.cast(typ)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, arr)
+    return table.append_column(pa.field(name, arr.type), arr)

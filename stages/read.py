@@ -1,0 +1,297 @@
+"""Read URL lists (parquet, csv, tsv, json, jsonl, txt; optionally gzipped) or existing WebDataset shards.
+
+Reading happens in two steps, like img2dataset:
+
+1. ``split`` (on the driver, streaming, never the whole list in memory): the input is cut into
+   input shards of ``samples_per_shard`` rows, written as small Parquet files (text only) in the run
+   directory. The position of a row in the input fixes its shard id and its index, hence its key
+   (``f"{shard:0{shard_digits}d}{index:0{index_digits}d}"``, img2dataset's scheme). Keys are then
+   stable across reruns and resume, whatever Ray does.
+2. ``__call__`` (in Ray tasks) loads one or more input shards: a table of shard specs in, rows out.
+
+``input_format: webdataset`` re-reads tars (ours or img2dataset's) for re-curation without
+downloading again: each tar is one shard, members are grouped by key, names are sanitised
+(absolute paths and ``..`` are refused), and the image bytes, caption and json metadata come back
+as rows with status ``ok``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from typing import Literal
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from pydantic import field_validator
+
+from schemas import OK, conform
+from stages.base import Resources, Stage, StageConfig
+
+FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_COL = "_shard"  # internal: which output shard a row belongs to (dropped by the writer)
+SPEC_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("path", pa.string()),
+        ("rows", pa.int64()),
+        ("shard_digits", pa.int32()),
+        ("index_digits", pa.int32()),
+    ]
+)
+
+
+class ReadConfig(StageConfig):
+    path: str | list[str]  # file, glob, or list of them; any fsspec path (s3://..., file://...)
+    input_format: Literal[FORMATS] = "auto"  # img2dataset's names; auto = from the extension
+    url_col: str = "url"
+    caption_col: str | None = "caption"  # None: no captions
+    # Input columns carried to the output (Parquet and the tar's json), as strings: text as is,
+    # other values JSON-encoded (true, 3, [1, 2]).
+    save_additional_columns: list[str] = []
+    # text formats
+    csv_delimiter: str | None = None  # default: ',' for csv, '\t' for tsv
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v):
+        if not v:
+            raise ValueError("'path' must name at least one file")
+        return v
+
+
+def key_digits(n_shards: int, samples_per_shard: int) -> tuple[int, int]:
+    shard_digits = max(5, len(str(max(n_shards - 1, 0))))
+    index_digits = max(1, math.ceil(math.log10(samples_per_shard))) if samples_per_shard > 1 else 1
+    return shard_digits, index_digits
+
+
+def make_key(shard: int, index: int, shard_digits: int, index_digits: int) -> str:
+    return f"{shard:0{shard_digits}d}{index:0{index_digits}d}"
+
+
+def _fmt_of(path: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    p = path.lower()
+    for suf in (".gz", ".bz2", ".zst", ".xz"):
+        if p.endswith(suf):
+            p = p[: -len(suf)]
+    for ext, fmt in (
+        (".parquet", "parquet"),
+        (".csv", "csv"),
+        (".tsv", "tsv"),
+        (".jsonl", "jsonl"),
+        (".json", "json"),
+        (".txt", "txt"),
+        (".tar", "webdataset"),
+    ):
+        if p.endswith(ext):
+            return fmt
+    raise ValueError(f"cannot infer input_format of {path!r}; set input_format to one of {', '.join(FORMATS[1:])}")
+
+
+def expand_paths(path: str | list[str]) -> list[str]:
+    """Expand globs. Returns fully qualified fsspec URLs, sorted within each pattern."""
+    out: list[str] = []
+    for pat in [path] if isinstance(path, str) else path:
+        fs, _, paths = fsspec.get_fs_token_paths(pat)
+        if not paths:
+            raise FileNotFoundError(f"no input file matches {pat!r}")
+        proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+        for p in sorted(paths):
+            out.append(p if proto in ("file", "local") else f"{proto}://{p}")
+    return out
+
+
+class Read(Stage):
+    name = "read"
+    Config = ReadConfig
+    requires = ()
+    produces = ()
+    sees_all_rows = True
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=1, actor=False)
+
+    def extra_produces(self) -> dict[str, pa.DataType]:
+        return {c: pa.string() for c in self.config.save_additional_columns}
+
+    # ---- driver side: split into input shards ------------------------------------------------
+    def iter_input_batches(self) -> Iterator[pa.Table]:
+        """Stream the input list as tables with columns url, caption, and the additional columns."""
+        cfg = self.config
+        for path in expand_paths(cfg.path):
+            fmt = _fmt_of(path, cfg.input_format)
+            if fmt == "webdataset":
+                raise ValueError("webdataset input is split per tar; iter_input_batches is for URL lists")
+            yield from (self._select(t, path) for t in _stream_file(path, fmt, cfg))
+
+    def _select(self, t: pa.Table, path: str) -> pa.Table:
+        cfg = self.config
+        cols = {}
+        missing = [c for c in [cfg.url_col, cfg.caption_col, *cfg.save_additional_columns] if c and c not in t.column_names]
+        if missing:
+            raise ValueError(f"{path}: column(s) {missing} not found; columns are {t.column_names}")
+        cols["url"] = t.column(cfg.url_col).cast(pa.string())
+        cols["caption"] = (
+            t.column(cfg.caption_col).cast(pa.string()) if cfg.caption_col else pa.nulls(t.num_rows, pa.string())
+        )
+        for c in cfg.save_additional_columns:
+            col = t.column(c)
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+            cols[c] = col.cast(pa.string())
+        return pa.table(cols)
+
+    def split(self, samples_per_shard: int, write_shard) -> list[int]:
+        """Stream the input and call ``write_shard(shard_id, table)`` for each input shard.
+        Returns the row count of each shard. For webdataset input, each tar is one shard and
+        ``write_shard`` receives a one-row table naming the tar."""
+        cfg = self.config
+        paths = expand_paths(cfg.path)
+        if all(_fmt_of(p, cfg.input_format) == "webdataset" for p in paths):
+            counts = []
+            for i, p in enumerate(paths):
+                write_shard(i, pa.table({"tar": [p]}))
+                counts.append(-1)  # unknown until read
+            return counts
+        counts: list[int] = []
+        buf: list[pa.Table] = []
+        buffered = 0
+        for t in self.iter_input_batches():
+            while t.num_rows:
+                take = min(t.num_rows, samples_per_shard - buffered)
+                buf.append(t.slice(0, take))
+                buffered += take
+                t = t.slice(take)
+                if buffered == samples_per_shard:
+                    write_shard(len(counts), pa.concat_tables(buf))
+                    counts.append(buffered)
+                    buf, buffered = [], 0
+        if buffered:
+            write_shard(len(counts), pa.concat_tables(buf))
+            counts.append(buffered)
+        return counts
+
+    # ---- worker side: load shards -------------------------------------------------------------
+    def __call__(self, specs: pa.Table) -> pa.Table:
+        """Load the input shards listed in ``specs`` (``SPEC_SCHEMA``) and return their rows."""
+        out = []
+        for spec in specs.to_pylist():
+            with fsspec.open(spec["path"], "rb") as f:
+                shard = pq.read_table(f)
+            if "tar" in shard.column_names:
+                out.append(self._load_tar(shard.column("tar")[0].as_py(), spec))
+            else:
+                out.append(self._load_rows(shard, spec))
+        if not out:
+            return conform(pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())}))
+        return pa.concat_tables(out, promote_options="permissive")
+
+    def _load_rows(self, shard: pa.Table, spec: dict) -> pa.Table:
+        n = shard.num_rows
+        keys = [make_key(spec["shard"], i, spec["shard_digits"], spec["index_digits"]) for i in range(n)]
+        t = shard.append_column("key", pa.array(keys, pa.string()))
+        t = t.append_column("status", pa.array([OK] * n, pa.string()))
+        t = t.append_column(SHARD_COL, pa.array([spec["shard"]] * n, pa.int32()))
+        return conform(t)
+
+    def _load_tar(self, tar_path: str, spec: dict) -> pa.Table:
+        samples: dict[str, dict] = {}
+        order: list[str] = []
+        with fsspec.open(tar_path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                name = sanitize_member_name(m.name)
+                if name is None:
+                    continue
+                base = posixpath.basename(name)
+                key, _, ext = base.partition(".")
+                if not key or not ext:
+                    continue
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                data = tar.extractfile(m).read()
+                samples[key][ext.lower()] = data
+        rows = []
+        for key in order:
+            s = samples[key]
+            meta = {}
+            if "json" in s:
+                try:
+                    meta = json.loads(s["json"])
+                except ValueError:
+                    meta = {}
+            img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+            caption = s["txt"].decode("utf-8", "replace") if "txt" in s else meta.get("caption")
+            row = {
+                "key": meta.get("key") or key,
+                "url": meta.get("url"),
+                "caption": caption,
+                "image": img,
+                "status": OK if img is not None else "decode_failed",
+                "reason": None if img is not None else "no image member in tar",
+            }
+            for c in ("width", "height", "original_width", "original_height"):
+                v = meta.get(c)
+                row[c] = int(v) if isinstance(v, int | float) else None
+            row["sha256"] = meta.get("sha256")
+            for c in self.config.save_additional_columns:
+                v = meta.get(c)
+                row[c] = None if v is None else v if isinstance(v, str) else json.dumps(v)
+            rows.append(row)
+        t = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
+        t = conform(t, self.extra_produces())
+        return t.append_column(SHARD_COL, pa.array([spec["shard"]] * t.num_rows, pa.int32()))
+
+
+def sanitize_member_name(name: str) -> str | None:
+    """Return a safe relative member name, or None for absolute paths, ``..`` parts or empty names."""
+    if not name or name.startswith(("/", "\\")) or "\\" in name:
+        return None
+    norm = posixpath.normpath(name)
+    if norm.startswith("../") or norm == ".." or "/../" in f"/{norm}/" or posixpath.isabs(norm):
+        return None
+    return norm
+
+
+def _stream_file(path: str, fmt: str, cfg: ReadConfig) -> Iterator[pa.Table]:
+    with fsspec.open(path, "rb", compression="infer") as f:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=65536):
+                yield pa.Table.from_batches([batch])
+        elif fmt in ("csv", "tsv"):
+            delim = cfg.csv_delimiter or ("\t" if fmt == "tsv" else ",")
+            convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=None)
+            reader = pacsv.open_csv(
+                f,
+                parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True),
+                convert_options=convert,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+            )
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
+        elif fmt == "jsonl":
+            yield pajson.read_json(f, read_options=pajson.ReadOptions(block_size=1 << 24))
+        elif fmt == "json":
+            data = json.load(io.TextIOWrapper(f, "utf-8"))
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: a json input must be a list of objects")
+            yield pa.Table.from_pylist(data)
+        elif fmt == "txt":
+            urls = [line.strip() for line in io.TextIOWrapper(f, "utf-8") if line.strip()]
+            yield pa.table({cfg.url_col: pa.array(urls, pa.string())})
+        else:  # pragma: no cover - guarded by Literal
+            raise ValueError(fmt)

@@ -1,0 +1,71 @@
+"""Shared fixtures: one local Ray session, one demo world on a real loopback HTTP server, and one
+demo pipeline run whose output many tests read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
+DEMO_SEED = 0
+
+
+@pytest.fixture(scope="session", autouse=False)
+def ray_session():
+    from pipeline import executor
+
+    executor.ensure_local_ray(num_cpus=2)
+    yield
+    executor.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory) -> Path:
+    from demo.world import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"), n=DEMO_N, seed=DEMO_SEED)
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_world):
+    from demo.server import serve
+
+    with serve(demo_world) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="session")
+def demo_urls(demo_world, demo_server) -> Path:
+    from demo.run_demo import write_url_list
+
+    return write_url_list(demo_world, demo_server)
+
+
+def demo_pipeline(urls: Path, output: Path, extra: list[str] | None = None):
+    from pipeline import config, plan
+
+    pipe = config.load(
+        REPO / "workflows" / "demo.yaml",
+        overrides=[f"stages.read.path={urls}", "ray.show_progress=false", *(extra or [])],
+        output=str(output),
+    )
+    plan.check(pipe)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, demo_urls, tmp_path_factory):
+    """The demo workflow run once on real local Ray: (output dir, manifest)."""
+    from pipeline import executor
+
+    out = tmp_path_factory.mktemp("demo_out") / "output"
+    manifest = executor.run(demo_pipeline(demo_urls, out))
+    return out, manifest
