@@ -64,6 +64,7 @@ def init_ray(pipe: Pipeline) -> None:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # never attach to some other cluster on this machine by accident
             num_cpus=rc.num_cpus,
             object_store_memory=rc.object_store_memory,
             include_dashboard=False,
@@ -305,6 +306,9 @@ class Executor:
             )
             if res.num_gpus:
                 common["num_gpus"] = res.num_gpus
+            test_env = {k: v for k, v in os.environ.items() if k == KILL_ENV}
+            if test_env:
+                common["runtime_env"] = {"env_vars": test_env}
             if res.actor:
                 ds = ds.map_batches(
                     _StageActor,
@@ -450,10 +454,13 @@ class Executor:
     def _manifest(self, started: datetime, wall: float, progress: dict) -> dict:
         stats = self.rd.shard_stats()
         status_counts: dict[str, int] = defaultdict(int)
+        rule_counts: dict[str, int] = defaultdict(int)
         stage_status: dict[str, dict[str, int]] = {}
         for st in stats:
             for k, v in st["status_dict"].items():
                 status_counts[k] += v
+            for k, v in st.get("rule_dict", {}).items():
+                rule_counts[k] += v
             for stg, d in st.get("stage_status", {}).items():
                 tgt = stage_status.setdefault(stg, {})
                 for k, v in d.items():
@@ -479,6 +486,7 @@ class Executor:
             shard_pattern=pattern,
             shards=shards,
             status_counts=dict(sorted(status_counts.items())),
+            rule_counts=dict(sorted(rule_counts.items(), key=lambda kv: -kv[1])),
             stage_status=stage_status,
             stage_seconds={k: round(v, 3) for k, v in progress["seconds"].items()},
             stage_rows=progress["rows"],
@@ -561,4 +569,4 @@ def _quote(a: str) -> str:
 def ensure_local_ray(num_cpus: int | None = None) -> None:
     """Start a local Ray once (tests share one session through this)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

@@ -28,7 +28,8 @@ class ShardStats(BaseModel):
     failed_to_download: int = 0
     failed_to_resize: int = 0
     status_dict: dict[str, int] = Field(default_factory=dict)  # status -> count
-    reason_dict: dict[str, int] = Field(default_factory=dict)  # "status: reason" -> count (capped text)
+    reason_dict: dict[str, int] = Field(default_factory=dict)  # "status: reason" -> count (top 200, rest summed)
+    rule_dict: dict[str, int] = Field(default_factory=dict)  # "status: first word of reason" -> count
     stage_status: dict[str, dict[str, int]] = Field(default_factory=dict)  # stage -> status -> count
     tar_bytes: int = 0
     parquet_bytes: int = 0
@@ -51,6 +52,7 @@ class Manifest(BaseModel):
     shard_pattern: str  # brace pattern for the tars, e.g. out/{00000..00041}.tar
     shards: list[ShardEntry]
     status_counts: dict[str, int]
+    rule_counts: dict[str, int] = Field(default_factory=dict)  # "status: rule" -> rows, summed over shards
     stage_status: dict[str, dict[str, int]]  # stage -> status -> rows it set (rows it rejected or kept)
     stage_seconds: dict[str, float] = Field(default_factory=dict)  # busy seconds summed over workers (this run)
     stage_rows: dict[str, int] = Field(default_factory=dict)  # rows each stage processed (this run)

@@ -90,6 +90,22 @@ class Stage:
     # Stages that act on every row, not only ``ok`` ones (for example the writer).
     sees_all_rows: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Make every subclass's setup() idempotent: calling it by hand and then calling the stage
+        # (which also ensures setup) loads the model once.
+        if "setup" in cls.__dict__:
+            inner = cls.__dict__["setup"]
+
+            def setup(self, _inner=inner):
+                if getattr(self, "_setup_done", False):
+                    return
+                _inner(self)
+                self._setup_done = True
+
+            setup.__doc__ = inner.__doc__
+            cls.setup = setup
+
     def __init__(self, config: StageConfig | dict | None = None):
         if config is None:
             config = self.Config()
@@ -127,7 +143,7 @@ class Stage:
     def _ensure_setup(self) -> None:
         if not self._setup_done:
             self.setup()
-            self._setup_done = True
+            self._setup_done = True  # for stages without their own setup()
 
     def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -155,7 +171,7 @@ class Stage:
             return _add_missing(batch, out_cols)
         if self.sees_all_rows:
             return self._run_chunks(batch, out_cols)
-        ok_mask = pc.equal(batch.column("status"), OK).fill_null(False)
+        ok_mask = pc.equal(batch.column("status").combine_chunks(), OK).fill_null(False)
         n_ok = pc.sum(ok_mask.cast(pa.int64())).as_py() or 0
         if n_ok == batch.num_rows:
             return self._run_chunks(batch, out_cols)

@@ -200,7 +200,7 @@ class ClipScore(Stage):
         if c.min_score is not None:
             low = [(not b) and float(v) < c.min_score for b, v in zip(bad, scores)]
             if any(low):
-                reasons = [f"clip_score {v:.4f} < min_score {c.min_score:.4f}" for v in scores]
+                reasons = [f"clip:min_score clip_score {v:.4f} < min_score {c.min_score:.4f}" for v in scores]
                 out = set_status(out, low, Status.FILTERED_CLIP, reasons)
         return out
 

@@ -146,6 +146,9 @@ class Write(Stage):
             top = dict(reasons.most_common(MAX_REASONS))
             top["(other reasons)"] = sum(reasons.values()) - sum(top.values())
             reasons = Counter(top)
+        # Per-rule counts: stages start reasons with a stable rule tag ("basic:words ...",
+        # "clip:min_score ...", "HTTP 404" -> "HTTP"), so the first word groups them.
+        rules = Counter(f"{s}: {(r or '').split(' ', 1)[0]}" for s, r in zip(status, reason) if s != OK)
         stage_status: dict[str, dict[str, int]] = {}
         for s, b in zip(status, by):
             if s != OK:
@@ -159,6 +162,7 @@ class Write(Stage):
             failed_to_resize=sum(v for k, v in st.items() if k in RESIZE_FAILURES),
             status_dict=dict(sorted(st.items())),
             reason_dict=dict(reasons.most_common()),
+            rule_dict=dict(rules.most_common()),
             stage_status=stage_status,
             tar_bytes=tar_bytes,
             parquet_bytes=pq_bytes,

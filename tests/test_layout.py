@@ -49,3 +49,28 @@ def test_stage_contract(name):
     if cls.is_global:
         for m in ("fit_partial", "merge", "load_state"):
             assert getattr(cls, m) is not getattr(Stage, m), f"global stage {name} must implement {m}"
+
+
+def test_base_call_handles_chunked_columns_and_mixed_statuses():
+    """Rows arrive as multi-chunk tables (concatenated blocks); non-ok rows pass through in order."""
+    import pyarrow as pa
+
+    from stages.base import Stage, set_status
+
+    class Upper(Stage):
+        name = "upper"
+
+        def process(self, t):
+            caps = [c.upper() if c != "bad" else c for c in t.column("caption").to_pylist()]
+            t = t.set_column(t.column_names.index("caption"), "caption", pa.array(caps))
+            return set_status(t, [c == "bad" for c in caps], "filtered_basic", "bad caption")
+
+    part1 = pa.table({"key": ["0", "1"], "caption": ["a", "bad"], "status": ["ok", "ok"]})
+    part2 = pa.table({"key": ["2", "3"], "caption": ["c", "d"], "status": ["download_failed", "ok"]})
+    t = pa.concat_tables([part1, part2])
+    assert t.column("status").num_chunks == 2
+    out = Upper()(t)
+    assert out.column("key").to_pylist() == ["0", "1", "2", "3"]
+    assert out.column("caption").to_pylist() == ["A", "bad", "c", "D"]
+    assert out.column("status").to_pylist() == ["ok", "filtered_basic", "download_failed", "ok"]
+    assert out.column("rejected_by").to_pylist() == [None, "upper", None, None]

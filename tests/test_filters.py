@@ -1,0 +1,212 @@
+"""BasicFilter (DataComp's basic filter), called directly without Ray.
+
+Language ID is the real py3langid model shipped in the package. The fastText path is tested with
+a real fastText model trained here on a few lines, when the optional ``fasttext`` package is
+installed (lid.176.bin itself cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import ConfigError, from_dict
+from schemas import conform
+from stages.filters import BasicFilter, BasicFilterConfig
+from tests.shared_data import shared_data_path
+
+EN = "a red circle on a white background"
+RULES = ("basic:words", "basic:chars", "basic:english", "basic:min_side", "basic:aspect_ratio")
+
+
+def make_table(captions, sizes=None, status=None, stored_sizes=None):
+    n = len(captions)
+    cols = {
+        "key": [f"{i:09d}" for i in range(n)],
+        "caption": captions,
+        "status": status or ["ok"] * n,
+    }
+    if sizes is not None:
+        cols["original_width"] = [s[0] if s else None for s in sizes]
+        cols["original_height"] = [s[1] if s else None for s in sizes]
+    if stored_sizes is not None:
+        cols["width"] = [s[0] if s else None for s in stored_sizes]
+        cols["height"] = [s[1] if s else None for s in stored_sizes]
+    return conform(pa.table(cols))
+
+
+def run(table, **cfg):
+    stage = BasicFilter(BasicFilterConfig(**cfg))
+    stage.setup()
+    return stage(table)
+
+
+def test_each_rule_and_its_boundary():
+    rows = [
+        (EN, (300, 300), "ok", None),
+        ("red circle", (300, 300), "filtered_basic", "basic:words caption too short: 2 words (needs > 2)"),
+        ("a b c", (300, 300), "filtered_basic", "basic:chars caption too short: 5 chars (needs > 5)"),
+        ("a b cd", (300, 300), None, None),  # 3 words, 6 chars: passes both DataComp text rules...
+        (
+            "Ein roter Kreis auf einem weißen Hintergrund im Garten",
+            (300, 300),
+            "filtered_basic",
+            "basic:english caption not English (lang=de)",
+        ),
+        (EN, (150, 180), "filtered_basic", "basic:min_side image too small: 150x180 < 200"),
+        (EN, (200, 200), "ok", None),  # shorter side exactly 200 is kept (>=)
+        (EN, (700, 200), "filtered_basic", "basic:aspect_ratio aspect ratio 3.5 > 3.0 (700x200)"),
+        (EN, (600, 200), "ok", None),  # ratio exactly 3.0 is kept (<=)
+        (EN, (200, 601), "filtered_basic", "basic:aspect_ratio aspect ratio 3.005 > 3.0 (200x601)"),
+        (EN, None, "ok", None),  # no size known (before download): size rules skipped
+        (None, (300, 300), "filtered_basic", "basic:words caption too short: 0 words (needs > 2)"),
+    ]
+    table = make_table([r[0] for r in rows], [r[1] for r in rows])
+    out = run(table).to_pylist()
+    assert len(out) == len(rows)
+    for (cap, _, want_status, want_reason), got in zip(rows, out):
+        if want_status is None:  # ...and its language decides (not asserted: too short to be sure)
+            assert got["status"] == "ok" or got["reason"].startswith("basic:english"), got
+            continue
+        assert (got["status"], got["reason"]) == (want_status, want_reason), cap
+        if got["status"] != "ok":
+            assert got["rejected_by"] == "basic_filter"
+    assert out[0]["language"] == "en"
+    assert out[4]["language"] == "de"
+    assert out[-1]["language"] is None
+
+
+def test_stored_size_is_the_fallback_and_original_size_wins():
+    table = make_table(
+        [EN, EN, EN],
+        sizes=[(1000, 900), None, None],
+        stored_sizes=[(100, 90), (100, 90), None],
+    )
+    out = run(table).to_pylist()
+    assert out[0]["status"] == "ok"  # original 1000x900 decides, not the resized 100x90
+    assert out[1]["reason"] == "basic:min_side image too small: 100x90 < 200"
+    assert out[2]["status"] == "ok"
+
+
+def test_rows_not_ok_pass_through_untouched():
+    table = make_table(["x", EN], [(10, 10), (300, 300)], status=["download_failed", "ok"])
+    table = table.set_column(table.column_names.index("reason"), "reason", pa.array(["HTTP 404", None]))
+    out = run(table).to_pylist()
+    assert (out[0]["status"], out[0]["reason"], out[0]["language"]) == ("download_failed", "HTTP 404", None)
+    assert out[1]["status"] == "ok"
+
+
+def test_every_rule_can_be_switched_off():
+    captions = ["hi", "Ein roter Kreis auf einem weißen Hintergrund", EN]
+    table = make_table(captions, [(10, 10), (300, 300), (900, 100)])
+    out = run(
+        table,
+        english=False,
+        lang_id=None,
+        min_words=None,
+        min_chars=None,
+        min_image_side=None,
+        max_aspect_ratio=None,
+    )
+    assert out.column("status").to_pylist() == ["ok"] * 3
+    assert out.column("language").to_pylist() == [None] * 3  # no language ID configured
+    # english off but lang_id on: the language column is still filled, nothing is rejected for it
+    out = run(make_table(captions[1:2]), english=False)
+    assert out.column("language").to_pylist() == ["de"]
+    assert out.column("status").to_pylist() == ["ok"]
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    def load(body):
+        return from_dict(
+            {"stages": [{"read": {"path": "x.parquet"}}, {"basic_filter": body}]}, source="t.yaml"
+        )
+
+    with pytest.raises(ConfigError, match=r"t.yaml: stages\[1\] \(basic_filter\): .*needs 'lang_id'"):
+        load({"english": True, "lang_id": None})
+    with pytest.raises(ConfigError, match="unknown key 'min_word'"):
+        load({"min_word": 3})
+    missing = tmp_path / "lid.176.bin"
+    try:
+        import fasttext  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="'fasttext' package is not installed"):
+            load({"lang_id": str(missing)})
+    else:
+        with pytest.raises(ConfigError, match="no fastText model file"):
+            load({"lang_id": str(missing)})
+
+
+def test_fasttext_model_path(tmp_path):
+    fasttext = pytest.importorskip("fasttext")
+    lines = []
+    for i in range(200):
+        lines.append(f"__label__en the cat sat on the mat number {i} with a red hat")
+        lines.append(f"__label__de die katze sitzt auf der matte nummer {i} mit einem roten hut")
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    # fastText's trainer can hit "Encountered NaN" on tiny corpora (seen with 0.9.3 here); only
+    # the inference path is under test, so retry a few seeds and skip if none trains.
+    for seed in range(5):
+        try:
+            model = fasttext.train_supervised(str(tmp_path / "train.txt"), thread=1, seed=seed, verbose=0)
+            break
+        except RuntimeError:
+            continue
+    else:
+        pytest.skip("fastText training diverged (NaN) on every seed; cannot build a test model")
+    model.save_model(str(tmp_path / "lid.bin"))
+    out = run(
+        make_table(["the cat sat on the red mat", "die katze sitzt\nauf der matte"]),
+        lang_id=str(tmp_path / "lid.bin"),
+    )
+    assert out.column("language").to_pylist() == ["en", "de"]
+    assert out.column("reason").to_pylist() == [None, "basic:english caption not English (lang=de)"]
+
+
+def test_acceptance_3_real_captions_every_rejection_names_its_rule():
+    """All 8,000 real alt-texts; sizes are synthetic (seeded) so the size rules are exercised too."""
+    path = shared_data_path("alt_texts_8k.parquet")
+    captions = pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+    assert len(captions) == 8000
+    rng = np.random.default_rng(0)
+    w = rng.integers(50, 1400, len(captions))
+    h = rng.integers(50, 1400, len(captions))
+    table = make_table(captions, list(zip(w.tolist(), h.tolist())))
+    stage = BasicFilter(BasicFilterConfig())
+    stage.setup()
+    out = stage(table)
+    assert out.num_rows == 8000
+    assert out.column("key").to_pylist() == table.column("key").to_pylist()
+    status = out.column("status").to_pylist()
+    reason = out.column("reason").to_pylist()
+    lang = out.column("language").to_pylist()
+    assert set(status) == {"ok", "filtered_basic"}
+    rejected = [r for s, r in zip(status, reason) if s != "ok"]
+    assert all(r and r.split(" ", 1)[0] in RULES for r in rejected)
+    per_rule = Counter(r.split(" ", 1)[0] for r in rejected)
+    assert sum(per_rule.values()) == len(rejected) == 8000 - status.count("ok")
+
+    # Independent count of each rule, applied in the stage's order (first failing rule wins).
+    expect: Counter = Counter()
+    for cap, ln, ww, hh in zip(captions, lang, w.tolist(), h.tolist()):
+        short, long_ = min(ww, hh), max(ww, hh)
+        if not len(cap.split()) > 2:
+            expect["basic:words"] += 1
+        elif not len(cap) > 5:
+            expect["basic:chars"] += 1
+        elif ln != "en":
+            expect["basic:english"] += 1
+        elif short < 200:
+            expect["basic:min_side"] += 1
+        elif long_ / short > 3.0:
+            expect["basic:aspect_ratio"] += 1
+    assert per_rule == expect
+    assert set(per_rule) >= {"basic:words", "basic:english", "basic:min_side", "basic:aspect_ratio"}
+    # The language column is the detector's own answer on every caption.
+    assert lang == stage.languages(captions)
+    # Real alt-texts are mostly English; the default py3langid setup must recognise most of them.
+    assert Counter(lang)["en"] / len(lang) > 0.8
