@@ -35,7 +35,7 @@ import ray
 from ray.data import DataContext, Datasink
 
 from pipeline import registry
-from pipeline.config import Pipeline
+from pipeline.config import ConfigError, Pipeline
 from pipeline.runs import InputPlan, RunDir
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from stages.read import SHARD_COL, SPEC_SCHEMA
@@ -50,8 +50,20 @@ warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
 # stage that finds FILE absent create it and exit hard mid-batch (os._exit), as a crashing actor would.
 KILL_ENV = "CLIPCURATE_TEST_KILL_ONCE"
 
+# CPUs reserved by the glue tasks (input/spill loaders, shard/spill sinks). They are I/O-bound and
+# short; reserving a whole CPU each deadlocks a cluster whose CPUs are all held by actor pools (the
+# demo on 2 CPUs: download + clip_score actors hold both, so read and write could never start).
+GLUE_TASK_CPUS = 0
+
 
 # ---- Ray session ------------------------------------------------------------------------------------
+
+
+# Driver environment forwarded to every Ray worker (runtime_env). AWS_*/FSSPEC_* carry object-store
+# credentials and endpoints (AWS_ENDPOINT_URL, FSSPEC_S3_*), so nodes of a `ray start` cluster, whose
+# environment is not the driver's, reach the same storage. They are visible in the job's runtime env;
+# on a real cluster prefer instance roles / node-level credentials and leave them unset on the driver.
+ENV_PREFIXES = ("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_", "AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
 def init_ray(pipe: Pipeline) -> None:
@@ -59,7 +71,7 @@ def init_ray(pipe: Pipeline) -> None:
         return
     rc = pipe.config.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_"))}}
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
@@ -169,6 +181,19 @@ class _StageActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _run(self.stage, self.name, batch, self.counter)
+
+
+class _FitActor:
+    """``fit_partial`` of a global stage over one block; the pickled partial comes back as one row.
+    As an actor it builds the stage once; as a plain callable (task) it uses the per-process cache."""
+
+    def __init__(self, name: str, cfg, setup: bool = True):
+        self.name, self.cfg = name, cfg
+        self.stage = _build(name, cfg, None) if setup else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        stage = self.stage or _build(self.name, self.cfg, None)
+        return pa.table({"p": pa.array([pickle.dumps(stage.fit_partial(batch))], pa.binary())})
 
 
 def _task_fn(name: str, cfg, state_ref, counter):
@@ -289,7 +314,7 @@ class Executor:
             paths = {s: self.rd.url_of(self.rd.spill_path(boundary, s)) for s in shards}
             fn = _spill_load_fn(paths, columns)
         return specs.map_batches(
-            fn, batch_size=1, batch_format="pyarrow", num_cpus=1, max_retries=self.rc.max_task_retries
+            fn, batch_size=1, batch_format="pyarrow", num_cpus=GLUE_TASK_CPUS, max_retries=self.rc.max_task_retries
         )
 
     def _apply(self, ds, indices: list[int]):
@@ -355,7 +380,7 @@ class Executor:
         ds = self._apply(ds, self.segs[b])
         paths = {s: self.rd.url_of(self.rd.spill_path(g, s)) for s in missing}
         log.info("computing the rows entering global stage %s (%d shards)", self.stages[g].name, len(missing))
-        ds.write_datasink(_SpillSink(paths))
+        ds.write_datasink(_SpillSink(paths), ray_remote_args={"num_cpus": GLUE_TASK_CPUS})
 
     def _ensure_state(self, b: int) -> None:
         g = self.globals[b]
@@ -370,15 +395,16 @@ class Executor:
             self._ensure_spill(b, list(range(self.plan.n_shards)))
             cols = list(dict.fromkeys([*stage.fit_columns, "key", "status"]))
             ds = self._source(g, list(range(self.plan.n_shards)), columns=cols)
-            cfg = stage.config
-
-            def partial(batch: pa.Table, _name=stage.name, _cfg=cfg) -> pa.Table:
-                s = registry.get(_name)(_cfg)
-                return pa.table({"p": pa.array([pickle.dumps(s.fit_partial(batch))], pa.binary())})
-
+            res = stage.resources()
+            args = (stage.name, stage.config)
+            if res.actor:  # set up once per actor (e.g. balance's automaton), not once per block
+                kw = dict(fn_constructor_args=args, compute=ray.data.ActorPoolStrategy(size=res.concurrency or 1))
+                fit = _FitActor
+            else:
+                kw, fit = {}, _FitActor(*args, setup=False)
             log.info("fitting global stage %s over %d shards", stage.name, self.plan.n_shards)
             t0 = time.perf_counter()
-            parts = ds.map_batches(partial, batch_size=None, batch_format="pyarrow").take_all()
+            parts = ds.map_batches(fit, batch_size=None, batch_format="pyarrow", num_cpus=res.num_cpus, **kw).take_all()
             state = stage.merge([pickle.loads(r["p"]) for r in parts])
             self.fit_seconds[stage.name] = time.perf_counter() - t0
             self.rd.write_json(path, state)
@@ -386,12 +412,44 @@ class Executor:
         self.states[g] = state
         self.state_refs[g] = ray.put(state)
 
+    def _check_resources(self) -> None:
+        """Fail before any work if the actor pools that stream together cannot all be placed on the
+        cluster (Ray would wait forever), or if a stage asks for GPUs the cluster does not have."""
+        total = ray.cluster_resources()
+        cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        src = self.pipe.source
+        for seg in self.segs:
+            need_cpu, need_gpu, parts = 0.0, 0.0, []
+            for i in seg:
+                stage = self.stages[i]
+                res = stage.resources()
+                if not res.actor:
+                    continue
+                n = res.concurrency or 1
+                if res.num_gpus and gpus == 0:
+                    raise ConfigError(
+                        f"{src}: stages[{i}] ({stage.name}): num_gpus={res.num_gpus:g} but the Ray cluster has no GPU; "
+                        f"set num_gpus: 0 to run on CPU (--set stages.{stage.name}.num_gpus=0)"
+                    )
+                need_cpu += n * res.num_cpus
+                need_gpu += n * res.num_gpus
+                parts.append((i, f"{stage.name} {n}x{res.num_cpus:g} CPU"))
+            if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+                i = parts[-1][0]
+                raise ConfigError(
+                    f"{src}: stages[{i}] ({self.stages[i].name}): the actor pools that run together "
+                    f"({', '.join(p for _, p in parts)}) need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the Ray "
+                    f"cluster has {cpus:g} CPUs and {gpus:g} GPUs; lower 'concurrency' or 'num_cpus' of these stages"
+                )
+
     # -- main
     def run(self) -> dict:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         init_ray(self.pipe)
         _configure_data_context(self.pipe)
+        self.globals, self.segs = self._segments()
+        self._check_resources()
         self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite)
         self.counter = _Counter.remote()
         self.fit_seconds: dict[str, float] = {}
@@ -406,7 +464,6 @@ class Executor:
             len(pending),
             self.rd.url,
         )
-        self.globals, self.segs = self._segments()
         writer = self.stages[-1]
         writer.config = writer.config.model_copy(
             update={
@@ -428,7 +485,7 @@ class Executor:
                 else:
                     ds = self._source(None, pending)
                 ds = self._apply(ds, self.segs[-1])
-                ds.write_datasink(_ShardSink(writer.config))
+                ds.write_datasink(_ShardSink(writer.config), ray_remote_args={"num_cpus": GLUE_TASK_CPUS})
             else:
                 # still load the states, so the manifest can summarise them
                 for b in range(len(self.globals)):

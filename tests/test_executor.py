@@ -1,0 +1,28 @@
+"""Executor checks that need a real Ray session: resources are checked before any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError
+from tests.conftest import demo_pipeline
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("stages.clip_score.num_gpus=1", ["stages[2] (clip_score)", "num_gpus=1", "no GPU"]),
+        ("stages.clip_score.concurrency=8", ["stages[2] (clip_score)", "clip_score 8x", "lower 'concurrency'"]),
+    ],
+)
+def test_unplaceable_actor_pools_fail_before_any_work(ray_session, demo_urls, tmp_path, override, words):
+    from pipeline import executor
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        executor.run(demo_pipeline(demo_urls, out, [override]))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith(("stages", "num_gpus=0)"))
+    for w in words:
+        assert w in msg, msg
+    assert not out.exists(), "no work before the check"
