@@ -54,12 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
-    p.add_argument("run_args", nargs=argparse.REMAINDER, help="arguments after -- are passed to 'pipeline run'")
+    p.epilog = "Arguments after -- are passed to 'pipeline run' in the job (e.g. -- --output s3://b/out)."
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" belongs to the job of `submit` (its `pipeline run` arguments).
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
+    args.run_args = passthrough
+    if passthrough and args.cmd != "submit":
+        print(f"error: arguments after -- are only for 'submit': {' '.join(passthrough)}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -109,28 +119,61 @@ def _run(args, pipe) -> int:
 def _submit(args) -> int:
     from pipeline import executor
 
-    run_args = [a for a in args.run_args if a != "--"]
+    run_args = list(args.run_args)
     for s in args.set:
         run_args += ["--set", s]
-    return executor.submit(args.file, args.address, run_args, os.path.abspath(args.working_dir), _runtime_env())
+    working_dir = os.path.abspath(args.working_dir)
+    # The job runs in (a copy of) the working dir: name the workflow relative to it when it is inside.
+    workflow = os.path.abspath(args.file)
+    workflow = (
+        os.path.relpath(workflow, working_dir) if workflow.startswith(working_dir + os.sep) else args.file
+    )
+    return executor.submit(workflow, args.address, run_args, working_dir, _runtime_env(working_dir))
 
 
-def _runtime_env() -> dict:
-    """The job's runtime env: the project's dependencies from pyproject.toml (minus the ones the
-    cluster image must already have: ray, torch), and the env vars the pipeline needs."""
+SUBMIT_PIP_ENV = "CLIPCURATE_SUBMIT_PIP"  # "0": the cluster already has the dependencies (no pip install)
+
+
+def _runtime_env(working_dir: str | None = None) -> dict:
+    """The Ray Job runtime env of ``clipcurate submit``, from ``pyproject.toml`` (the working dir's,
+    else the one beside this package):
+
+    * ``pip``: ``[project].dependencies`` minus ``[tool.clipcurate.runtime_env].preinstalled`` (ray,
+      torch: the cluster image has them). Left out when ``CLIPCURATE_SUBMIT_PIP=0``, for clusters that
+      already run in an environment with the project's dependencies (the tests, prebuilt images).
+    * ``excludes``: paths not uploaded with the working dir (``.venv``, outputs, ``.git`` ...).
+    * ``env_vars``: set for the job's driver and workers.
+    """
+    import re
     import tomllib
     from pathlib import Path
 
-    deps: list[str] = []
-    pp = Path(__file__).resolve().parent.parent / "pyproject.toml"
-    if pp.exists():
-        data = tomllib.loads(pp.read_text())
-        for d in data["project"]["dependencies"]:
-            name = d.split("[")[0].split("=")[0].split("<")[0].split(">")[0].strip().lower()
-            if name not in ("ray", "torch", "torchvision"):
-                deps.append(d)
-    env = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
-    if os.environ.get("CLIPCURATE_SUBMIT_PIP", "1") != "0":
+    from packaging.requirements import Requirement
+
+    candidates = [Path(working_dir) / "pyproject.toml"] if working_dir else []
+    candidates.append(Path(__file__).resolve().parent.parent / "pyproject.toml")
+    data: dict = {}
+    for pp in candidates:
+        if pp.exists():
+            data = tomllib.loads(pp.read_text())
+            if data.get("project", {}).get("name") == "clipcurate":
+                break
+    table = data.get("tool", {}).get("clipcurate", {}).get("runtime_env", {})
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    preinstalled = {norm(n) for n in table.get("preinstalled", ["ray", "torch", "torchvision"])}
+    deps = [
+        d
+        for d in data.get("project", {}).get("dependencies", [])
+        if norm(Requirement(d).name) not in preinstalled
+    ]
+    env: dict = {"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0"}}
+    env["env_vars"].update({k: str(v) for k, v in table.get("env_vars", {}).items()})
+    if table.get("excludes"):
+        env["excludes"] = list(table["excludes"])
+    if os.environ.get(SUBMIT_PIP_ENV, "1") != "0" and deps:
         env["pip"] = deps
     return env
 

@@ -53,7 +53,15 @@ KILL_ENV = "CLIPCURATE_TEST_KILL_ONCE"
 # CPUs reserved by the glue tasks (input/spill loaders, shard/spill sinks). They are I/O-bound and
 # short; reserving a whole CPU each deadlocks a cluster whose CPUs are all held by actor pools (the
 # demo on 2 CPUs: download + clip_score actors hold both, so read and write could never start).
+# Reserving no CPU, they are capped by count instead (``_glue_concurrency``): uncapped, Ray Data
+# starts one worker process (~200 MB) per pending shard and memory grows with the input
+# (bench/scale.py: 2.2x the peak at 10x input uncapped, flat capped).
 GLUE_TASK_CPUS = 0
+
+
+def _glue_concurrency() -> int:
+    """Glue tasks in flight per operator: enough writers for a large cluster, few on a small one."""
+    return max(2, int(ray.cluster_resources().get("CPU", 0)) // 4)
 
 
 # ---- Ray session ------------------------------------------------------------------------------------
@@ -63,7 +71,7 @@ GLUE_TASK_CPUS = 0
 # credentials and endpoints (AWS_ENDPOINT_URL, FSSPEC_S3_*), so nodes of a `ray start` cluster, whose
 # environment is not the driver's, reach the same storage. They are visible in the job's runtime env;
 # on a real cluster prefer instance roles / node-level credentials and leave them unset on the driver.
-ENV_PREFIXES = ("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_", "AWS_", "FSSPEC_", "GOOGLE_APPLICATION_CREDENTIALS")
+ENV_PREFIXES = ("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_", "AWS_", "FSSPEC_", "GOOGLE_APPLICATION_")
 
 
 def init_ray(pipe: Pipeline) -> None:
@@ -73,7 +81,10 @@ def init_ray(pipe: Pipeline) -> None:
     address = rc.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # Inside a Ray Job the job's runtime env already reaches every worker; passing one here too
+        # makes Ray refuse to merge any key both set.
+        in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+        ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
     else:
         ray.init(
             address="local",  # never attach to some other cluster on this machine by accident
@@ -314,7 +325,12 @@ class Executor:
             paths = {s: self.rd.url_of(self.rd.spill_path(boundary, s)) for s in shards}
             fn = _spill_load_fn(paths, columns)
         return specs.map_batches(
-            fn, batch_size=1, batch_format="pyarrow", num_cpus=GLUE_TASK_CPUS, max_retries=self.rc.max_task_retries
+            fn,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=GLUE_TASK_CPUS,
+            concurrency=_glue_concurrency(),
+            max_retries=self.rc.max_task_retries,
         )
 
     def _apply(self, ds, indices: list[int]):
@@ -380,7 +396,9 @@ class Executor:
         ds = self._apply(ds, self.segs[b])
         paths = {s: self.rd.url_of(self.rd.spill_path(g, s)) for s in missing}
         log.info("computing the rows entering global stage %s (%d shards)", self.stages[g].name, len(missing))
-        ds.write_datasink(_SpillSink(paths), ray_remote_args={"num_cpus": GLUE_TASK_CPUS})
+        ds.write_datasink(
+            _SpillSink(paths), ray_remote_args={"num_cpus": GLUE_TASK_CPUS}, concurrency=_glue_concurrency()
+        )
 
     def _ensure_state(self, b: int) -> None:
         g = self.globals[b]
@@ -485,7 +503,11 @@ class Executor:
                 else:
                     ds = self._source(None, pending)
                 ds = self._apply(ds, self.segs[-1])
-                ds.write_datasink(_ShardSink(writer.config), ray_remote_args={"num_cpus": GLUE_TASK_CPUS})
+                ds.write_datasink(
+                    _ShardSink(writer.config),
+                    ray_remote_args={"num_cpus": GLUE_TASK_CPUS},
+                    concurrency=_glue_concurrency(),
+                )
             else:
                 # still load the states, so the manifest can summarise them
                 for b in range(len(self.globals)):

@@ -1,0 +1,117 @@
+"""The shapes world, its loopback server and the committed toy CLIP (all real: PIL files, HTTP on
+127.0.0.1, open_clip loading ``local-dir:demo/assets/toy_clip``)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from demo.server import serve
+from demo.world import COLOURS, SHAPES, generate, make_world, url_list
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("world"), n=200, seed=0)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "files").iterdir())}
+
+
+def test_make_world_is_deterministic(world, tmp_path):
+    again = make_world(tmp_path / "again", n=200, seed=0)
+    assert _files(again) == _files(world)
+    assert pq.read_table(again / "world.parquet").equals(pq.read_table(world / "world.parquet"))
+    seed0 = make_world(tmp_path / "seed0", n=20, seed=0, n_broken=0)
+    seed1 = make_world(tmp_path / "seed1", n=20, seed=1, n_broken=0)
+    assert _files(seed0) != _files(seed1)
+
+
+def test_world_rows_and_captions(world):
+    t = pq.read_table(world / "world.parquet").to_pylist()
+    assert len(t) == 200
+    for r in t:
+        assert r["colour"] in COLOURS and r["shape"] in SHAPES
+        # colour and shape words appear verbatim in the caption
+        assert r["colour"] in r["caption"] and r["shape"] in r["caption"]
+        if r["is_mismatched"]:
+            assert r["colour"] != r["true_colour"] and r["shape"] != r["true_shape"]
+        else:
+            assert (r["colour"], r["shape"]) == (r["true_colour"], r["true_shape"])
+    good = [r for r in t if r["broken"] is None]
+    share = sum(r["is_mismatched"] for r in good) / len(good)
+    assert share == pytest.approx(0.15, abs=0.01)
+    exts = Counter(r["path"].rsplit(".", 1)[1] for r in good)
+    assert exts["jpg"] > exts["png"] > 0
+
+
+def test_concepts_are_skewed():
+    counts = Counter((p.true_colour, p.true_shape) for p in generate(1000, seed=3, n_broken=0))
+    ranked = sorted(counts.values(), reverse=True)
+    median = ranked[len(ranked) // 2]
+    assert ranked[0] >= 10 * median
+    assert len(counts) >= 40  # and a long tail of rare concepts
+
+
+def test_broken_entries(world):
+    t = pq.read_table(world / "world.parquet").to_pylist()
+    broken = {r["broken"]: world / r["path"] for r in t if r["broken"] is not None}
+    assert set(broken) == {"missing", "truncated", "html", "empty"}
+    assert not broken["missing"].exists()
+    assert broken["empty"].read_bytes() == b""
+    assert broken["html"].read_bytes().startswith(b"<!doctype html>")
+    trunc = broken["truncated"].read_bytes()
+    assert trunc.startswith(b"\xff\xd8") and not trunc.endswith(b"\xff\xd9")
+
+
+def test_server_serves_files_and_404s(world):
+    rows = url_list(world, "http://placeholder").to_pylist()
+    assert rows[0]["url"].startswith("http://placeholder/files/")
+    with serve(world) as base:
+        assert base.startswith("http://127.0.0.1:")
+        t = url_list(world, base).to_pylist()
+        ok = next(r for r in t if r["broken"] is None and r["url"].endswith(".jpg"))
+        with urllib.request.urlopen(ok["url"], timeout=10) as resp:
+            body = resp.read()
+            assert resp.status == 200 and resp.headers["Content-Type"] == "image/jpeg"
+        assert body == (world / ok["url"][len(base) + 1 :]).read_bytes()
+        html = next(r for r in t if r["broken"] == "html")
+        with urllib.request.urlopen(html["url"], timeout=10) as resp:  # the server lies about the type
+            assert resp.headers["Content-Type"] == "image/jpeg" and resp.read().startswith(b"<!doctype")
+        missing = next(r for r in t if r["broken"] == "missing")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(missing["url"], timeout=10)
+        assert e.value.code == 404
+
+
+def test_toy_clip_loads_and_separates():
+    from demo.train_clip import (
+        ASSET_DIR,
+        THRESHOLD_NAME,
+        cosine_scores,
+        encode_images,
+        load,
+        pipeline_resizer,
+    )
+
+    model, preprocess, tokenizer = load(ASSET_DIR)
+    pairs = [p for p in generate(24, seed=7, mismatch_rate=0.0, n_broken=0)][:6]
+    images = encode_images(pairs, preprocess, pipeline_resizer())
+    matched = cosine_scores(model, tokenizer, images, [p.caption for p in pairs])
+    # The same images with clearly wrong captions: another colour and another shape.
+    wrong = []
+    for p in pairs:
+        colour = next(c for c in COLOURS if c not in (p.true_colour, "white", "black"))
+        shape = next(s for s in SHAPES if s != p.true_shape)
+        wrong.append(f"{colour} {shape}")
+    mismatched = cosine_scores(model, tokenizer, images, wrong)
+    assert (matched > mismatched).all(), (matched, mismatched)
+    threshold = json.loads((ASSET_DIR / THRESHOLD_NAME).read_text())["min_score"]
+    assert (matched >= threshold).mean() >= 5 / 6
+    assert (mismatched < threshold).mean() >= 5 / 6

@@ -1,0 +1,289 @@
+"""The run report (issue #8): ``report.html`` rendered in real headless Chromium (acceptance 1) and the
+terminal summary's numbers against ``manifest.json`` and the shard Parquet files (acceptance 3).
+
+Two real runs on local Ray feed it: the session's demo run (read, download, clip_score, write), and a
+fuller run of the same demo world that adds ``clip_filter`` (a fitted top-fraction threshold) and
+MetaCLIP ``balance``, so that every section of the report has something to draw.
+
+Chromium is Debian's ``chromium`` package (``.ci/run`` installs it); it is driven from the command line
+(``--dump-dom`` after a small inline probe script, ``--screenshot``), nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import report, report_html
+from schemas import OK
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run: apt-get install -y chromium)"
+)
+
+# Written into a copy of the report: after load, it records every section and every <img> (natural
+# size) in a <pre>, which --dump-dom then prints. A deliberately broken image is the control.
+PROBE = """
+<img id="probe-control" alt="control: not an image" src="data:image/png;base64,bm90IGFuIGltYWdl">
+<script>
+window.addEventListener('load', () => {
+  const out = {
+    sections: [...document.querySelectorAll('section[id]')].map(s => ({
+      id: s.id, title: (s.querySelector('h2') || {}).textContent || '', height: s.getBoundingClientRect().height,
+      plots: s.querySelectorAll('img.plot').length, text: s.innerText})),
+    images: [...document.images].map(i => ({id: i.id, cls: i.className, alt: i.alt,
+      section: (i.closest('section') || {}).id || null, complete: i.complete, w: i.naturalWidth, h: i.naturalHeight})),
+    external: [...document.querySelectorAll('[src],[href]')].map(e => e.getAttribute('src') || e.getAttribute('href'))
+      .filter(u => !u.startsWith('data:') && !u.startsWith('#')),
+  };
+  const pre = document.createElement('pre');
+  pre.id = 'clipcurate-probe';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        cmd = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            *args,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def probe(report_path: Path, work: Path) -> dict:
+    page = work / "probe.html"
+    page.write_text(report_path.read_text().replace("</body>", PROBE + "</body>"))
+    r = _chromium("--virtual-time-budget=10000", "--dump-dom", page.as_uri())
+    m = re.search(r'<pre id="clipcurate-probe">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"the probe did not run; chromium rc={r.returncode}\n{r.stderr[-3000:]}"
+    return json.loads(html.unescape(m.group(1)))
+
+
+def screenshot(report_path: Path, png: Path) -> None:
+    from PIL import Image
+
+    r = _chromium("--hide-scrollbars", "--window-size=1280,2400", f"--screenshot={png}", report_path.as_uri())
+    assert png.exists(), f"no screenshot; chromium rc={r.returncode}\n{r.stderr[-3000:]}"
+    with Image.open(png) as im:
+        assert im.size == (1280, 2400)
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 100, "the screenshot is (nearly) blank"
+    print(f"screenshot: {png}")
+
+
+def _parquet(out: Path) -> pl.DataFrame:
+    return pl.concat(
+        [pl.from_arrow(pq.read_table(p)) for p in sorted(out.glob("*.parquet"))], how="diagonal_relaxed"
+    )
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session, demo_urls, tmp_path_factory):
+    """The demo workflow plus clip_filter (top 80% of the pool) and balance (shapes metadata, t=20)."""
+    from pipeline import config, executor, plan
+
+    raw = yaml.safe_load((REPO / "workflows" / "demo.yaml").read_text())
+    stages = []
+    for s in raw["stages"]:
+        name, cfg = next(iter(s.items()))
+        if name == "clip_score":
+            cfg = {k: v for k, v in cfg.items() if k != "min_score"}
+        if name == "write":
+            stages.append({"clip_filter": {"top_fraction": 0.8}})
+            stages.append({"balance": {"metadata": "demo/assets/shapes_metadata.json", "t": 20}})
+        stages.append({name: cfg})
+    raw.update(name="demo_full", stages=stages)
+    tmp = tmp_path_factory.mktemp("report_full")
+    (tmp / "full.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp / "output"
+    pipe = config.load(
+        tmp / "full.yaml",
+        overrides=[f"stages.read.path={demo_urls}", "ray.show_progress=false"],
+        output=str(out),
+    )
+    plan.check(pipe)
+    manifest = executor.run(pipe)
+    return out, manifest
+
+
+@pytest.fixture(params=["demo_run", "full_run"])
+def run(request):
+    return request.param, *request.getfixturevalue(request.param)
+
+
+# ---- acceptance 1: the report renders --------------------------------------------------------------
+
+
+@needs_chromium
+def test_report_renders_in_chromium(run, tmp_path):
+    name, out, manifest = run
+    from pipeline import cli
+
+    assert cli.main(["report", str(out)]) == 0
+    path = out / "report.html"
+    assert path.exists()
+    size = path.stat().st_size
+    assert size < 2_000_000, f"report.html is {size} bytes"
+
+    p = probe(path, tmp_path)
+    ids = [s["id"] for s in p["sections"]]
+    assert ids == list(report_html.SECTION_IDS)
+    for s in p["sections"]:
+        assert s["height"] > 0 and s["title"], s["id"]
+    control = [i for i in p["images"] if i["id"] == "probe-control"]
+    assert control and control[0]["w"] == 0, "the probe must see a broken image as broken"
+    images = [i for i in p["images"] if i["id"] != "probe-control"]
+    broken = [i["alt"] for i in images if not (i["complete"] and i["w"] > 0 and i["h"] > 0)]
+    assert broken == [], f"images that did not load: {broken}"
+    assert p["external"] == [], "the report must not reference anything outside itself"
+
+    plots = {i["section"] for i in images if i["cls"] == "plot"}
+    expected = {"funnel", "clip-scores"} | ({"balance"} if name == "full_run" else set())
+    assert plots == expected
+    sections = {s["id"]: s for s in p["sections"]}
+    if name == "demo_run":
+        assert "no balance stage in this run" in sections["balance"]["text"]
+    thumbs = [i for i in images if i["cls"] == "thumb"]
+    assert 0 < len(thumbs) <= report_html.SAMPLES_PER_GROUP
+    assert all(i["section"] == "samples" for i in thumbs)
+    # every threshold the run used is named in the score section
+    for label, value in report_html.clip_thresholds(manifest):
+        assert f"{label} = {value:.4f}" in sections["clip-scores"]["text"]
+    assert report_html.clip_thresholds(manifest), "both runs filter on the CLIP score"
+    # the download failures of the demo world's broken entries are listed with their reasons
+    df = _parquet(out)
+    failed = df.filter(pl.col("rejected_by") == "download")
+    assert failed.height > 0
+    assert f"{failed.height} of {df.height} rows failed to download" in sections["download-failures"]["text"]
+    for reason in failed["reason"].unique().to_list():
+        assert reason[:40] in sections["download-failures"]["text"]
+
+    screenshot(path, tmp_path / f"report_{name}.png")
+
+
+def test_balance_section_numbers(full_run):
+    """The rank plot's data: 'before' = the fitted state's counts, 'after' = entries of the kept rows."""
+    out, manifest = full_run
+    state_files = sorted((out / "_clipcurate" / "state").glob("*_balance.json"))
+    assert len(state_files) == 1
+    before = json.loads(state_files[0].read_text())["counts"]
+    df = _parquet(out)
+    kept = df.filter(pl.col("status") == OK)
+    after: dict[int, int] = {}
+    for ids in kept["metaclip_entries"].to_list():
+        for e in ids:
+            after[e] = after.get(e, 0) + 1
+    page = report_html.render(str(out))
+    sec = re.search(r'<section id="balance">(.*?)</section>', page, re.S).group(1)
+    t = manifest["global_state"]["balance"]["t"]
+    assert f"t = {t}" in sec
+    rows = re.findall(
+        r"<tr><td class=n>(\d+)</td><td>[^<]*</td><td class=n>(\d+)</td><td class=n>(\d+)</td>", sec
+    )
+    assert len(rows) >= 10
+    for i, b, a in rows:
+        assert int(b) == before[int(i)]
+        assert int(a) == after.get(int(i), 0)
+    # the most frequent entries of the pool come first
+    assert [int(b) for _, b, _ in rows] == sorted((c for c in before if c), reverse=True)[: len(rows)]
+    assert max(after.values()) < max(before), "balancing flattens the head"
+
+
+def test_report_reads_any_fsspec_filesystem(demo_run):
+    """The same report from a copy of the output on fsspec's memory filesystem (as for s3://)."""
+    import fsspec
+
+    out, _ = demo_run
+    fs = fsspec.filesystem("memory")
+    root = "/report-copy"
+    for p in out.rglob("*"):
+        if p.is_file() and p.name != "report.html":
+            fs.pipe(f"{root}/{p.relative_to(out).as_posix()}", p.read_bytes())
+    try:
+        url = report_html.build(f"memory://{root}")
+        assert url == f"memory://{root}/report.html"
+        assert fs.cat(f"{root}/report.html").decode() == report_html.render(str(out))
+    finally:
+        fs.rm(root, recursive=True)
+
+
+# ---- acceptance 3: the summary's numbers --------------------------------------------------------
+
+
+def parse_summary(text: str) -> tuple[dict[str, list[str]], str]:
+    """The rows of print_summary's rich table (stage -> cells; wrapped cells re-joined) and the rest."""
+    rows: dict[str, list[str]] = {}
+    cur = None
+    rest = []
+    for line in text.splitlines():
+        if "│" not in line:
+            rest.append(line)
+            continue
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells[0]:
+            cur = cells[0]
+            rows[cur] = cells
+        elif cur is not None:
+            rows[cur] = [f"{a} {b}".strip() for a, b in zip(rows[cur], cells)]
+    return rows, "\n".join(rest)
+
+
+def test_summary_counts_equal_manifest_and_parquet(run):
+    name, out, manifest = run
+    buf = io.StringIO()
+    report.print_summary(manifest, report_path=str(out / "report.html"), file=buf)
+    rows, rest = parse_summary(buf.getvalue())
+
+    df = _parquet(out)
+    by_stage: dict[str, dict[str, int]] = {}
+    for stage, status, n in (
+        df.filter(pl.col("status") != OK).group_by(["rejected_by", "status"]).len().iter_rows()
+    ):
+        by_stage.setdefault(stage, {})[status] = n
+    status_counts = dict(df.group_by("status").len().iter_rows())
+    assert manifest["stage_status"] == by_stage
+    assert manifest["status_counts"] == status_counts
+
+    order = [next(iter(s)) for s in manifest["config"]["stages"]]
+    assert list(rows) == order
+    remaining = df.height
+    for stage in order:
+        stage_in, rejected, ok_out = rows[stage][1], rows[stage][2], rows[stage][3]
+        shown = {k: int(v) for k, v in re.findall(r"([a-z_]+): (\d+)", rejected)}
+        assert shown == by_stage.get(stage, {}), stage
+        assert int(stage_in) == remaining
+        remaining -= sum(shown.values())
+        assert int(ok_out) == remaining
+    assert remaining == status_counts[OK] == manifest["total_samples"]
+    # every rejecting stage is in the table, so the table accounts for every row
+    assert set(by_stage) <= set(order)
+    m = re.search(r"rows: (\d+) in, (\d+) out \((\d+) ok samples in (\d+) shards\)", rest)
+    assert m, rest
+    assert int(m[1]) == int(m[2]) == df.height
+    assert int(m[3]) == status_counts[OK]
+    assert int(m[4]) == len(list(out.glob("*.tar")))
+    assert f"report:   {out / 'report.html'}" in rest

@@ -1,0 +1,241 @@
+"""Submission to a Ray cluster (issue #8, acceptance 2): a real local cluster started with
+``ray start --head`` on 127.0.0.1 (dashboard and Job API included), the demo workflow submitted with
+``clipcurate submit`` and with plain ``ray job submit --working-dir .``; both jobs SUCCEED and write
+the same output as a local run (same keys per status, same image bytes per key).
+
+The cluster shares this venv, so the jobs install nothing (``CLIPCURATE_SUBMIT_PIP=0``), and the
+working dir is uploaded without ``.venv``/outputs/``.git`` (pyproject's runtime_env excludes and
+``.rayignore``). The cluster runs with token authentication (a fresh token in a temp file) and its own
+``--temp-dir``, so it never becomes the "current cluster" of other Ray programs on the machine. It is
+stopped by signalling the ``ray start --block`` process this test started (it stops the processes it
+launched); ``ray stop`` is not used because it kills every Ray process of the machine, including the
+test session's own local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import demo_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"the ray CLI is missing ({RAY})")
+WORLD_N = 60  # a small world: three shards of 20
+SETS = ["samples_per_shard=20", "ray.show_progress=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def small_urls(tmp_path_factory):
+    from demo.run_demo import write_url_list
+    from demo.server import serve
+    from demo.world import make_world
+
+    world = make_world(tmp_path_factory.mktemp("submit_world"), n=WORLD_N, seed=3)
+    with serve(world) as base_url:
+        yield write_url_list(world, base_url)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A real single-node cluster: (dashboard address, env for clients and jobs)."""
+    logs = tmp_path_factory.mktemp("cluster")
+    token = logs / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    # Ray's unix socket paths live under --temp-dir and must stay short: use /tmp directly.
+    temp_dir = tempfile.mkdtemp(prefix="ccray", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the jobs' `python` is this venv's
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_USAGE_STATS_ENABLED="0",
+        CLIPCURATE_SUBMIT_PIP="0",
+    )
+    dash = _free_port()
+    cmd = [
+        str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(logs / "ray_start.log", "wb")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_ready(address, env, proc, logs / "ray_start.log")
+        yield address, env
+    finally:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session (process group) this test created
+            proc.wait(timeout=30)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_ready(address: str, env: dict, proc: subprocess.Popen, log: Path) -> None:
+    """Wait until the Job API answers (the cluster starts in seconds to a minute on a busy machine)."""
+    check = [
+        sys.executable,
+        "-c",
+        f"from ray.job_submission import JobSubmissionClient as C; C({address!r}).list_jobs()",
+    ]
+    for _ in range(120):
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if subprocess.run(check, env=env, capture_output=True, timeout=120).returncode == 0:
+            return
+        time.sleep(2)
+    pytest.fail(f"the Ray dashboard at {address} did not come up:\n{log.read_text()[-4000:]}")
+
+
+def _job_statuses(address: str, env: dict) -> dict[str, str]:
+    code = (
+        "import json; from ray.job_submission import JobSubmissionClient as C; "
+        f"print(json.dumps({{j.submission_id: j.status.value for j in C({address!r}).list_jobs()}}))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def snapshot(out: Path) -> tuple[dict[str, str], dict[str, bytes], dict[str, str]]:
+    """(status per key, image bytes per key, caption per key) of an output folder."""
+    df = pl.concat(
+        [pl.from_arrow(pq.read_table(p)) for p in sorted(out.glob("*.parquet"))], how="diagonal_relaxed"
+    )
+    status = dict(zip(df["key"].to_list(), df["status"].to_list()))
+    images, captions = {}, {}
+    for t in sorted(out.glob("*.tar")):
+        with tarfile.open(t) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                data = tar.extractfile(m).read()
+                if ext in ("jpg", "png", "webp"):
+                    images[key] = data
+                elif ext == "txt":
+                    captions[key] = data.decode()
+    return status, images, captions
+
+
+@pytest.fixture(scope="module")
+def local_out(ray_session, small_urls, tmp_path_factory):
+    from pipeline import executor
+
+    out = tmp_path_factory.mktemp("submit_local") / "output"
+    executor.run(demo_pipeline(small_urls, out, SETS))
+    return snapshot(out)
+
+
+def _same_as_local(out: Path, local) -> None:
+    status, images, captions = snapshot(out)
+    l_status, l_images, l_captions = local
+    assert len(status) == WORLD_N
+    assert status == l_status, "same keys with the same status"
+    assert images.keys() == {k for k, s in status.items() if s == "ok"}
+    assert images == l_images, "same image bytes per key"
+    assert captions == l_captions
+    assert len(list(out.glob("*.tar"))) == WORLD_N // 20
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["total_rows"] == WORLD_N
+    assert (out / "report.html").exists(), "`pipeline run` builds the report at the end"
+
+
+def test_clipcurate_submit(cluster, small_urls, local_out, tmp_path):
+    address, env = cluster
+    out = tmp_path / "submitted"
+    cmd = [sys.executable, "-m", "pipeline", "submit", "workflows/demo.yaml", "--address", address,
+           "--working-dir", str(REPO), "--set", f"stages.read.path={small_urls}",
+           "--", "--output", str(out), *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
+    before = _job_statuses(address, env)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert ": SUCCEEDED" in r.stdout
+    assert "rows:" in r.stdout, "the job's logs (the run summary) are streamed back"
+    new = {k: v for k, v in _job_statuses(address, env).items() if k not in before}
+    assert list(new.values()) == ["SUCCEEDED"]
+    _same_as_local(out, local_out)
+
+
+def test_plain_ray_job_submit(cluster, small_urls, local_out, tmp_path):
+    address, env = cluster
+    out = tmp_path / "ray_job_submit"
+    cmd = [str(RAY), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "-m", "pipeline", "run", "workflows/demo.yaml", "--output", str(out),
+           "--set", f"stages.read.path={small_urls}", *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
+    before = _job_statuses(address, env)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, r.stderr[-4000:]
+    new = {k: v for k, v in _job_statuses(address, env).items() if k not in before}
+    assert list(new.values()) == ["SUCCEEDED"]
+    _same_as_local(out, local_out)
+
+
+def test_runtime_env_from_pyproject(monkeypatch):
+    """What `clipcurate submit` sends: pyproject's dependencies (minus the preinstalled ones) unless
+    CLIPCURATE_SUBMIT_PIP=0, its excludes (the same as .rayignore), and its env vars."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from pipeline.cli import _runtime_env
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    table = data["tool"]["clipcurate"]["runtime_env"]
+    monkeypatch.setenv("CLIPCURATE_SUBMIT_PIP", "1")
+    env = _runtime_env(str(REPO))
+    names = {Requirement(d).name for d in env["pip"]}
+    assert "ray" not in names and "torch" not in names and "polars" in names
+    assert len(env["pip"]) == len(data["project"]["dependencies"]) - len(
+        [d for d in data["project"]["dependencies"] if Requirement(d).name in table["preinstalled"]]
+    )
+    rayignore = [ln.strip() for ln in (REPO / ".rayignore").read_text().splitlines()]
+    assert env["excludes"] == [ln for ln in rayignore if ln and not ln.startswith("#")]
+    assert {".venv/", ".git/", "demo_out/"} <= set(env["excludes"])
+    assert env["env_vars"]["NO_ALBUMENTATIONS_UPDATE"] == "1"
+    monkeypatch.setenv("CLIPCURATE_SUBMIT_PIP", "0")
+    assert "pip" not in _runtime_env(str(REPO))
+
+
+def test_working_dir_upload_is_small(tmp_path):
+    """The package Ray uploads for `--working-dir .` (with .gitignore/.rayignore and our excludes)
+    holds the code and the demo assets, and nothing from .venv, .git or outputs."""
+    from ray._private.runtime_env.packaging import create_package
+
+    from pipeline.cli import _runtime_env
+
+    zip_path = tmp_path / "pkg.zip"
+    create_package(str(REPO), zip_path, include_gitignore=True, excludes=_runtime_env(str(REPO))["excludes"])
+
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert "pipeline/cli.py" in names and "workflows/demo.yaml" in names and "pyproject.toml" in names
+    bad = [n for n in names if n.split("/")[0] in (".venv", ".git", "demo_out", "out") or "__pycache__" in n]
+    assert bad == []
+    assert zip_path.stat().st_size < 50 * 1024 * 1024
