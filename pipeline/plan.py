@@ -55,7 +55,7 @@ def check(pipe: Pipeline) -> list[StepPlan]:
                     f"stage produces — put a stage that produces it (e.g. {_producer_hint(col, producers)}) before it"
                 )
         produced = tuple(stage.output_columns())
-        if spec.name == "download" or spec.name == "read" and getattr(spec.config, "format", "") == "webdataset":
+        if spec.name == "download" or spec.name == "read" and stage.reads_webdataset():
             available |= set(FILLED_BY_DOWNLOAD)
         available |= set(produced)
         res = stage.resources()

@@ -55,10 +55,10 @@ class StageConfig(BaseModel):
 class ComputeConfig(StageConfig):
     """Keys shared by stages that run as actor pools (model-bearing stages)."""
 
-    batch_size: int = 64
-    concurrency: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    batch_size: int = 64  # rows per model call
+    concurrency: int = 1  # actors in the pool (each loads the model once)
+    num_cpus: float = 1.0  # CPUs reserved per actor (fractions allowed)
+    num_gpus: float = 0.0  # GPUs per actor; fractions share a GPU between actors (e.g. 0.5)
 
 
 @dataclass(frozen=True)

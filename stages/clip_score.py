@@ -41,7 +41,7 @@ class ClipScoreConfig(ComputeConfig):
     pretrained: str | None = None  # pretrained tag or checkpoint path
     model_config_path: str | None = None  # a custom open_clip model config (json); pretrained = checkpoint
     batch_size: int = 256  # images per forward pass
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the worker has a GPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     decode: Literal["pil", "tensor"] = "pil"  # pil: the model's own transform on CPU threads
     decode_threads: int = 4  # CPU threads decoding/preprocessing ahead of the model

@@ -52,8 +52,8 @@ SPEC_SCHEMA = pa.schema(
 class ReadConfig(StageConfig):
     path: str | list[str]  # file, glob, or list of them; any fsspec path (s3://..., file://...)
     input_format: Literal[FORMATS] = "auto"  # img2dataset's names; auto = from the extension
-    url_col: str = "url"
-    caption_col: str | None = "caption"  # None: no captions
+    url_col: str = "url"  # column holding the URL (img2dataset's url_col)
+    caption_col: str | None = "caption"  # column holding the caption; null: no captions
     # Input columns carried to the output (Parquet and the tar's json), as strings: text as is,
     # other values JSON-encoded (true, 3, [1, 2]).
     save_additional_columns: list[str] = []
@@ -124,6 +124,11 @@ class Read(Stage):
 
     def extra_produces(self) -> dict[str, pa.DataType]:
         return {c: pa.string() for c in self.config.save_additional_columns}
+
+    def reads_webdataset(self) -> bool:
+        """True when the input is WebDataset tars (re-curation): rows then come with their images."""
+        paths = [self.config.path] if isinstance(self.config.path, str) else self.config.path
+        return all(_fmt_of(p, self.config.input_format) == "webdataset" for p in paths)
 
     # ---- driver side: split into input shards ------------------------------------------------
     def iter_input_batches(self) -> Iterator[pa.Table]:

@@ -38,7 +38,7 @@ MAX_REASONS = 200  # distinct reasons kept per shard in _stats.json; the rest ar
 class WriteConfig(StageConfig):
     caption_member: Literal["original", "rewrite"] = "original"  # what KEY.txt holds
     rewrite_members: bool = False  # also write each rewrite as KEY.rewrite0.txt, KEY.rewrite1.txt, ...
-    parquet_compression: str = "zstd"
+    parquet_compression: str = "zstd"  # codec of the shard Parquet files
     # Filled in by the executor (not for YAML): where and how to name shards.
     output: str | None = None
     name_digits: int = 5

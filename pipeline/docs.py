@@ -1,0 +1,104 @@
+"""Generate the README's stage reference from the stage classes: every config key with its default
+and the comment beside it in the source. ``python -m pipeline.docs`` prints it;
+``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
+``tests/test_docs.py`` checks that README.md is up to date."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import re
+import sys
+import tokenize
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pipeline import registry
+
+BEGIN = "<!-- BEGIN STAGE REFERENCE (python -m pipeline.docs --write) -->"
+END = "<!-- END STAGE REFERENCE -->"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment: the comment lines just above the field plus the comment at the
+    end of its line (the convention of every stage's Config)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, BaseModel)) or klass is BaseModel:
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        trailing: dict[int, str] = {}
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type == tokenize.COMMENT and not tok.line.strip().startswith("#"):
+                trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+        pending: list[str] = []
+        for line_no, line in enumerate(src.splitlines(), start=1):
+            stripped = line.strip()
+            if line.startswith("    #") and not line.startswith("     "):
+                pending.append(stripped.lstrip("#").strip())
+                continue
+            m = re.match(r"    (\w+)\s*:", line)
+            if m and not stripped.startswith(("def ", "@", "return")):
+                text = " ".join([*pending, trailing.get(line_no, "")]).strip()
+                if text:
+                    out[m.group(1)] = text
+            pending = []
+    return out
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "**required**"
+    d = field.get_default(call_default_factory=True)
+    if d is None:
+        return "`null`"
+    if isinstance(d, float) and d == float("inf"):
+        return "`.inf`"
+    return f"`{d!r}`".replace("'", '"') if not isinstance(d, bool) else f"`{str(d).lower()}`"
+
+
+def stage_reference() -> str:
+    from stages.write import WriteConfig
+
+    internal = {n for n in ("output", "name_digits", "expected_rows") if n in WriteConfig.model_fields}
+    parts = []
+    for name in registry.names():
+        cls = registry.get(name)
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
+        doc = " ".join(doc.split())
+        kind = "global (fit over the whole pool first)" if cls.is_global else "per batch"
+        parts.append(f"#### `{name}` ({kind})\n\n{doc}\n")
+        if cls.requires:
+            parts.append(f"Requires: {', '.join(f'`{c}`' for c in cls.requires)}. ")
+        if cls.produces:
+            parts.append(f"Adds: {', '.join(f'`{c}`' for c in cls.produces)}.")
+        parts.append("\n\n| key | default | meaning |\n|---|---|---|")
+        comments = _comments(cls.Config)
+        for key, field in cls.Config.model_fields.items():
+            if name == "write" and key in internal:
+                continue
+            text = comments.get(key, "").replace("|", "\\|")
+            parts.append(f"| `{key}` | {_default(field)} | {text} |")
+        parts.append("")
+    return "\n".join(parts).strip() + "\n"
+
+
+def main() -> int:
+    ref = stage_reference()
+    if "--write" in sys.argv:
+        text = README.read_text()
+        i, j = text.index(BEGIN), text.index(END)
+        README.write_text(text[: i + len(BEGIN)] + "\n" + ref + text[j:])
+        print(f"updated {README}")
+    else:
+        print(ref)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
