@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint install clean bench-match bench-download train-demo-models
+.PHONY: demo test test-cluster lint install clean bench-match bench-download bench-scale train-demo-models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# A two-node Ray cluster on this machine + an S3-compatible server (moto) on 127.0.0.1; ~3 minutes.
+test-cluster: $(STAMP)
+	CLIPCURATE_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q tests/test_cluster.py -k two_node
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -39,6 +43,9 @@ bench-match: $(STAMP)
 
 bench-download: $(STAMP)
 	$(BIN)/python bench/download.py
+
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

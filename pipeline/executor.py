@@ -438,6 +438,11 @@ class Executor:
         src = self.pipe.source
         for seg in self.segs:
             need_cpu, need_gpu, parts = 0.0, 0.0, []
+            # task stages need a CPU free beside the actors (the largest of them), or they starve
+            tasks = [self.stages[i].resources().num_cpus for i in seg if not self.stages[i].resources().actor]
+            if tasks:
+                need_cpu += max(tasks)
+                parts.append((seg[0], f"task stages {max(tasks):g} CPU"))
             for i in seg:
                 stage = self.stages[i]
                 res = stage.resources()
@@ -453,7 +458,7 @@ class Executor:
                 need_gpu += n * res.num_gpus
                 parts.append((i, f"{stage.name} {n}x{res.num_cpus:g} CPU"))
             if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
-                i = parts[-1][0]
+                i = next((j for j in reversed(seg) if self.stages[j].resources().actor), seg[0])
                 raise ConfigError(
                     f"{src}: stages[{i}] ({self.stages[i].name}): the actor pools that run together "
                     f"({', '.join(p for _, p in parts)}) need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the Ray "

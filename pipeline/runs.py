@@ -59,7 +59,9 @@ class InputPlan:
 class RunDir:
     def __init__(self, output: str):
         self.url = output
-        self.fs, self.root = fsspec.core.url_to_fs(output)
+        # No listings cache: Ray workers write shards, spills and stats behind this process's back,
+        # so a cached listing of an object store (s3fs, gcsfs) would hide them.
+        self.fs, self.root = fsspec.core.url_to_fs(output, use_listings_cache=False)
         self.root = self.root.rstrip("/") or "/"
         self.state_root = _join(self.root, STATE_DIR)
 
