@@ -217,9 +217,9 @@ def generate(
     for i in range(n):
         r = random.Random(f"{seed}:{i}")  # per-item stream: an item does not depend on the others
         true_colour, true_shape = r.choices(CONCEPTS, weights=weights)[0]
-        bg = r.choices([b for b in BACKGROUNDS], weights=BACKGROUND_WEIGHTS)[0]
+        bg = r.choices(list(BACKGROUNDS), weights=BACKGROUND_WEIGHTS)[0]
         while bg == true_colour:
-            bg = r.choices([b for b in BACKGROUNDS], weights=BACKGROUND_WEIGHTS)[0]
+            bg = r.choices(list(BACKGROUNDS), weights=BACKGROUND_WEIGHTS)[0]
         img, size = render(true_colour, true_shape, bg, r)
         colour, shape, cap_bg, cap_size = true_colour, true_shape, bg, size
         if i in mismatched:  # reads like another image's caption, with another colour and shape

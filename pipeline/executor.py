@@ -240,6 +240,27 @@ def _spill_load_fn(paths: dict[int, str], columns: list[str] | None):
     return fn
 
 
+def apply_llm(ds, spec, group_by: str = "key"):
+    """Apply a ``stages.rewrite.LLMSpec`` to a Ray Dataset through ``ray.data.llm`` and return it.
+
+    Each ray.data.llm engine returns one generation per row, so every row is exploded into one carrier
+    row (it bypasses the LLM) plus one request row per generation, run through the processor, and
+    gathered back by ``group_by``. Rows in == rows out; grouped by the shard column, each shard comes
+    back whole (in key order) inside one block, which is what the writer needs."""
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor, vLLMEngineProcessorConfig
+
+    if spec.kind == "vllm":
+        config = vLLMEngineProcessorConfig(**spec.processor_kwargs)
+    elif spec.kind == "http":
+        config = HttpRequestProcessorConfig(**spec.processor_kwargs, headers=spec.headers or None)
+    else:
+        raise ValueError(f"unknown llm spec kind {spec.kind!r}")
+    processor = build_processor(config, preprocess=spec.preprocess, postprocess=spec.postprocess)
+    ds = ds.map_batches(spec.explode, batch_format="pyarrow")
+    ds = processor(ds)
+    return ds.groupby(group_by).map_groups(spec.collect, batch_format="pyarrow")
+
+
 # ---- sinks -------------------------------------------------------------------------------------
 
 
@@ -336,6 +357,10 @@ class Executor:
     def _apply(self, ds, indices: list[int]):
         for i in indices:
             stage = self.stages[i]
+            if getattr(stage.config, "engine", None) in ("vllm", "openai") and hasattr(stage, "llm_spec"):
+                # LLM engines run through ray.data.llm (vLLM replicas or an OpenAI-compatible endpoint)
+                ds = apply_llm(ds, stage.llm_spec(), group_by=SHARD_COL)
+                continue
             cfg = stage.config
             state_ref = self.state_refs.get(i)
             res = stage.resources()

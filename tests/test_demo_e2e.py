@@ -84,3 +84,30 @@ def test_clip_filter_separates_mismatched_pairs(demo_run):
     print(f"mismatched removed {removed:.3f}, matched kept {kept:.3f}")
     assert removed >= 0.95
     assert kept >= 0.95
+
+
+def test_rewrites_in_json_and_parquet(demo_run):
+    """Issue #6, acceptance 1 and 4: the toy LM rewrites >= 90% of ok rows; each rewrite differs from the
+    original and keeps its colour and shape words; rewrites are in the .json and the Parquet, and the
+    .txt member stays the original caption."""
+    out, manifest = demo_run
+    df = _parquet(out).filter(pl.col("status") == OK)
+    with_rw = df.filter(pl.col("caption_rewrites").list.len() > 0)
+    assert with_rw.height >= 0.9 * df.height
+    kept = total = 0
+    for cap, rws, colour, shape in with_rw.select("caption", "caption_rewrites", "true_colour", "true_shape").iter_rows():
+        for r in rws:
+            assert r != cap
+            total += 1
+            kept += colour.strip('"') in r.lower() and shape.strip('"') in r.lower()
+    # a sampled toy LM: nearly every rewrite keeps both words (99% in demo/train_lm.py's eval)
+    assert kept >= 0.97 * total, (kept, total)
+    urls = [str(p) for p in sorted(out.glob("*.tar"))]
+    n = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        meta = sample["json"]
+        assert sample["txt"] == meta["caption"]
+        assert isinstance(meta["caption_rewrites"], list)
+        n += bool(meta["caption_rewrites"])
+    assert n == with_rw.height
+    assert manifest["models"]["rewrite"]["model"] == "demo/assets/toy_lm"
