@@ -483,7 +483,10 @@ class Executor:
                 need_gpu += n * res.num_gpus
                 parts.append((i, f"{stage.name} {n}x{res.num_cpus:g} CPU"))
             if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
-                i = next((j for j in reversed(seg) if self.stages[j].resources().actor), seg[0])
+                # name the stage that asks for the most: the first one to lower
+                actors = [j for j in seg if self.stages[j].resources().actor]
+                i = max(actors, key=lambda j: (self.stages[j].resources().concurrency or 1) * max(
+                    self.stages[j].resources().num_cpus, self.stages[j].resources().num_gpus))
                 raise ConfigError(
                     f"{src}: stages[{i}] ({self.stages[i].name}): the actor pools that run together "
                     f"({', '.join(p for _, p in parts)}) need {need_cpu:g} CPUs and {need_gpu:g} GPUs, the Ray "

@@ -671,8 +671,12 @@ class ImageProcessor:
 
 def exif_json(data: bytes) -> str | None:
     """img2dataset's ``exif`` column: JSON of exifread's tags, or None."""
+    import logging
+
     import exifread
 
+    # exifread warns "File format not recognized." for every PNG; a missing EXIF is simply None here
+    logging.getLogger("exifread").setLevel(logging.ERROR)
     try:
         tags = exifread.process_file(io.BytesIO(data), details=False)
         return json.dumps({k: str(v).strip() for k, v in tags.items() if v is not None})

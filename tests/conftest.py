@@ -4,6 +4,8 @@ demo pipeline run whose output many tests read."""
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+RAY_CLI = Path(sys.executable).parent / "ray"  # the venv's `ray` command (cluster tests)
 DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
 DEMO_SEED = 0
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=False)

@@ -33,7 +33,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -45,17 +44,12 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import RAY_CLI, free_port
+
 REPO = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).parent / "ray"
 BUCKET = "clipcurate"
 CLUSTER_ENV = "CLIPCURATE_CLUSTER_TESTS"  # "1": run the two-node test (make test-cluster)
 PIPELINE_ACTOR = "MapWorker(MapBatches(_StageActor))"  # Ray Data's name for a stage's actor
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +175,7 @@ def _start_node(args: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "wb")  # noqa: SIM115 - the child holds it; closed when the node is stopped
     try:
         return subprocess.Popen(
-            [str(RAY), "start", "--block", "--disable-usage-stats", *args],
+            [str(RAY_CLI), "start", "--block", "--disable-usage-stats", *args],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     finally:
@@ -224,22 +218,22 @@ def two_nodes(tmp_path_factory):
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
         }
     )
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", f"--temp-dir={temp_dir}"]
     procs = []
     try:
         procs.append(
             _start_node(
-                ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}", *common],
+                ["--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                 f"--dashboard-agent-listen-port={free_port()}", *common],
                 env, logs / "head.log",
             )
         )  # fmt: skip
         _wait_nodes(address, env, 1, procs, logs)
         procs.append(
             _start_node(
-                [f"--address={address}", '--resources={"node2": 1}', f"--dashboard-agent-listen-port={_free_port()}",
+                [f"--address={address}", '--resources={"node2": 1}', f"--dashboard-agent-listen-port={free_port()}",
                  *common],
                 env, logs / "node2.log",
             )
@@ -279,7 +273,7 @@ def _wait_nodes(address: str, env: dict, n: int, procs, logs: Path) -> list[dict
     os.environ.get(CLUSTER_ENV) != "1",
     reason=f"starts a two-node Ray cluster: run `make test-cluster` ({CLUSTER_ENV}=1)",
 )
-@pytest.mark.skipif(not RAY.exists(), reason=f"the ray CLI is missing ({RAY})")
+@pytest.mark.skipif(not RAY_CLI.exists(), reason=f"the ray CLI is missing ({RAY_CLI})")
 def test_two_node_cluster_on_s3(two_nodes, s3, local_snapshot, tmp_path):
     address, cluster_env = two_nodes
     s3_env, fs = s3

@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -32,19 +31,12 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import demo_pipeline
+from tests.conftest import RAY_CLI, demo_pipeline, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-RAY = Path(sys.executable).parent / "ray"
-pytestmark = pytest.mark.skipif(not RAY.exists(), reason=f"the ray CLI is missing ({RAY})")
+pytestmark = pytest.mark.skipif(not RAY_CLI.exists(), reason=f"the ray CLI is missing ({RAY_CLI})")
 WORLD_N = 60  # a small world: three shards of 20
 SETS = ["samples_per_shard=20", "ray.show_progress=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +66,11 @@ def cluster(tmp_path_factory):
         RAY_USAGE_STATS_ENABLED="0",
         CLIPCURATE_SUBMIT_PIP="0",
     )
-    dash = _free_port()
+    dash = free_port()
     cmd = [
-        str(RAY), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        str(RAY_CLI), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
     log = open(logs / "ray_start.log", "wb")  # noqa: SIM115 - closed in the finally below
@@ -186,7 +178,7 @@ def test_clipcurate_submit(cluster, small_urls, local_out, tmp_path):
 def test_plain_ray_job_submit(cluster, small_urls, local_out, tmp_path):
     address, env = cluster
     out = tmp_path / "ray_job_submit"
-    cmd = [str(RAY), "job", "submit", "--address", address, "--working-dir", ".", "--",
+    cmd = [str(RAY_CLI), "job", "submit", "--address", address, "--working-dir", ".", "--",
            "python", "-m", "pipeline", "run", "workflows/demo.yaml", "--output", str(out),
            "--set", f"stages.read.path={small_urls}", *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
     before = _job_statuses(address, env)
