@@ -32,7 +32,6 @@ test-cluster: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 train-demo-models: $(STAMP)
 	$(BIN)/python -m demo.train_clip
