@@ -21,6 +21,27 @@ DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
 DEMO_SEED = 0
 
 
+def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(image bytes per key, caption per key) of the samples in output tars, read through fsspec
+    filesystem ``fs`` (local or S3). A key found twice fails the calling test."""
+    import io
+    import tarfile
+
+    images: dict[str, bytes] = {}
+    captions: dict[str, str] = {}
+    for p in sorted(tar_paths):
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                data = tar.extractfile(m).read()
+                if ext in ("jpg", "png", "webp"):
+                    assert key not in images, f"duplicate key {key}"
+                    images[key] = data
+                elif ext == "txt":
+                    captions[key] = data.decode()
+    return images, captions
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:

@@ -26,7 +26,6 @@ kill every Ray on the machine, including the test session's own.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -35,7 +34,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +42,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import RAY_CLI, free_port
+from tests.conftest import RAY_CLI, free_port, tar_samples
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "clipcurate"
@@ -114,18 +112,8 @@ def snapshot(fs, root: str) -> dict:
         keys = t.column("key").to_pylist()
         status.update(zip(keys, t.column("status").to_pylist()))
         reasons.update(zip(keys, t.column("reason").to_pylist()))
-    images: dict[str, bytes] = {}
-    captions: dict[str, str] = {}
     tars = sorted(fs.glob(f"{root}/*.tar"))
-    for p in tars:
-        with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                data = tar.extractfile(m).read()
-                if ext in ("jpg", "png", "webp"):
-                    images[key] = data
-                elif ext == "txt":
-                    captions[key] = data.decode()
+    images, captions = tar_samples(fs, tars)
     with fs.open(f"{root}/manifest.json", "rb") as f:
         m = json.loads(f.read())
     totals = {

@@ -15,25 +15,18 @@ import tarfile
 import time
 from pathlib import Path
 
+import fsspec
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO, demo_pipeline
+from tests.conftest import REPO, demo_pipeline, tar_samples
 
 SMALL_SHARDS = "samples_per_shard=25"
 
 
 def _tar_images(out: Path) -> dict[str, bytes]:
-    images = {}
-    for p in sorted(out.glob("*.tar")):
-        with tarfile.open(p) as t:
-            for m in t.getmembers():
-                if m.name.endswith((".jpg", ".png", ".webp")):
-                    key = m.name.split(".")[0]
-                    assert key not in images, f"duplicate key {key}"
-                    images[key] = t.extractfile(m).read()
-    return images
+    return tar_samples(fsspec.filesystem("file"), out.glob("*.tar"))[0]
 
 
 def _rows(out: Path) -> pl.DataFrame:

@@ -21,17 +21,17 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
+import fsspec
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import RAY_CLI, demo_pipeline, free_port
+from tests.conftest import RAY_CLI, demo_pipeline, free_port, tar_samples
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not RAY_CLI.exists(), reason=f"the ray CLI is missing ({RAY_CLI})")
@@ -122,16 +122,7 @@ def snapshot(out: Path) -> tuple[dict[str, str], dict[str, bytes], dict[str, str
         [pl.from_arrow(pq.read_table(p)) for p in sorted(out.glob("*.parquet"))], how="diagonal_relaxed"
     )
     status = dict(zip(df["key"].to_list(), df["status"].to_list()))
-    images, captions = {}, {}
-    for t in sorted(out.glob("*.tar")):
-        with tarfile.open(t) as tar:
-            for m in tar:
-                key, _, ext = m.name.partition(".")
-                data = tar.extractfile(m).read()
-                if ext in ("jpg", "png", "webp"):
-                    images[key] = data
-                elif ext == "txt":
-                    captions[key] = data.decode()
+    images, captions = tar_samples(fsspec.filesystem("file"), out.glob("*.tar"))
     return status, images, captions
 
 
