@@ -33,10 +33,10 @@ def funnel_rows(manifest: dict) -> list[dict]:
     order = [next(iter(s)) for s in manifest["config"]["stages"]]
     out = []
     remaining = manifest["total_rows"]
-    for name in order:
+    for i, name in enumerate(order):
         rejected = manifest["stage_status"].get(name, {})
         n_rej = sum(rejected.values())
-        if name == "read":
+        if i == 0:  # the source
             out.append({"stage": name, "in": manifest["total_rows"], "rejected": {}, "out": remaining})
             continue
         out.append({"stage": name, "in": remaining, "rejected": rejected, "out": remaining - n_rej})

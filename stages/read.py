@@ -33,23 +33,16 @@ import pyarrow.parquet as pq
 from pydantic import field_validator
 
 from schemas import OK, conform
-from stages.base import Resources, Stage, StageConfig
+from schemas.row import FILLED_LATER, SHARD_COL
+from schemas.row import SHARD_SPEC_SCHEMA as SPEC_SCHEMA  # noqa: F401 - re-exported
+from stages.base import Resources, RoleConfig
+from stages.roles import Source
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SHARD_COL = "_shard"  # internal: which output shard a row belongs to (dropped by the writer)
-SPEC_SCHEMA = pa.schema(
-    [
-        ("shard", pa.int32()),
-        ("path", pa.string()),
-        ("rows", pa.int64()),
-        ("shard_digits", pa.int32()),
-        ("index_digits", pa.int32()),
-    ]
-)
 
 
-class ReadConfig(StageConfig):
+class ReadConfig(RoleConfig):
     path: str | list[str]  # file, glob, or list of them; any fsspec path (s3://..., file://...)
     input_format: Literal[FORMATS] = "auto"  # img2dataset's names; auto = from the extension
     url_col: str = "url"  # column holding the URL (img2dataset's url_col)
@@ -112,15 +105,18 @@ def expand_paths(path: str | list[str]) -> list[str]:
     return out
 
 
-class Read(Stage):
+class Read(Source):
     name = "read"
     Config = ReadConfig
     requires = ()
     produces = ()
-    sees_all_rows = True
 
     def resources(self) -> Resources:
-        return Resources(num_cpus=1, actor=False)
+        return Resources(num_cpus=0, actor=False)
+
+    def filled_columns(self) -> tuple[str, ...]:
+        # re-curation from tars: rows come with their images and sizes
+        return FILLED_LATER if self.reads_webdataset() else ()
 
     def extra_produces(self) -> dict[str, pa.DataType]:
         return {c: pa.string() for c in self.config.save_additional_columns}
@@ -188,19 +184,13 @@ class Read(Stage):
         return counts
 
     # ---- worker side: load shards -------------------------------------------------------------
-    def __call__(self, specs: pa.Table) -> pa.Table:
-        """Load the input shards listed in ``specs`` (``SPEC_SCHEMA``) and return their rows."""
-        out = []
-        for spec in specs.to_pylist():
-            with fsspec.open(spec["path"], "rb") as f:
-                shard = pq.read_table(f)
-            if "tar" in shard.column_names:
-                out.append(self._load_tar(shard.column("tar")[0].as_py(), spec))
-            else:
-                out.append(self._load_rows(shard, spec))
-        if not out:
-            return conform(pa.table({"key": pa.array([], pa.string()), "status": pa.array([], pa.string())}))
-        return pa.concat_tables(out, promote_options="permissive")
+    def load(self, spec: dict) -> pa.Table:
+        """The rows of the input shard ``spec`` (a ``SHARD_SPEC_SCHEMA`` row)."""
+        with fsspec.open(spec["path"], "rb") as f:
+            shard = pq.read_table(f)
+        if "tar" in shard.column_names:
+            return self._load_tar(shard.column("tar")[0].as_py(), spec)
+        return self._load_rows(shard, spec)
 
     def _load_rows(self, shard: pa.Table, spec: dict) -> pa.Table:
         n = shard.num_rows
