@@ -12,6 +12,7 @@ from schemas import Status
 from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
 from stages.base import StageFailed
 
+
 def versions() -> dict[str, str]:
     """Versions of clipcurate and of the dependencies it declares (those installed)."""
     import re

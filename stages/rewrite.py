@@ -68,7 +68,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from schemas import OK, conform
-from stages.base import ProcessorHook, ComputeConfig, Resources, Stage, replace_column
+from stages.base import ComputeConfig, ProcessorHook, Resources, Stage, replace_column
 from stages.read import SHARD_COL  # the executor gathers the Ray path's rows by shard
 
 log = logging.getLogger(__name__)

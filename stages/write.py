@@ -23,7 +23,6 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
 from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
