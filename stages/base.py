@@ -101,8 +101,11 @@ class StageFailed(RuntimeError):
     """An error that is not a row's: the run fails, with this one-line message naming the stage."""
 
     def __init__(self, stage: str, message: str):
-        self.stage = stage
+        self.stage, self.message = stage, message
         super().__init__(f"stage {stage}: {message}")
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (type(self), (self.stage, self.message))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,16 @@ DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
 DEMO_SEED = 0
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the shared Ray session (directly or through the demo run) are integration tests;
+    tests that start their own Ray (CLI subprocesses, clusters) carry the marker explicitly.
+    ``make test-fast`` runs the rest: ``pytest -m "not integration"``."""
+    ray_fixtures = {"ray_session", "cluster", "two_nodes", "s3"}
+    for item in items:
+        if ray_fixtures & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
     """(image bytes per key, caption per key) of the samples in output tars, read through fsspec
     filesystem ``fs`` (local or S3). A key found twice fails the calling test."""

@@ -23,6 +23,7 @@ Shards written before a failure stay complete, so a rerun resumes from them.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from datetime import UTC, datetime
@@ -45,8 +46,12 @@ from stages.roles import SinkContext
 log = logging.getLogger("clipcurate")
 
 
+_FAILED_LINE = re.compile(r"StageFailed: stage (\S+): (.+)")
+
+
 def find_stage_failure(err: BaseException) -> StageFailed | None:
-    """The ``StageFailed`` behind an error that came back through Ray (wrapped once or more)."""
+    """The ``StageFailed`` behind an error that came back through Ray (wrapped once or more, or only
+    as the text of a remote traceback)."""
     seen, todo = set(), [err]
     while todo:
         e = todo.pop()
@@ -54,9 +59,10 @@ def find_stage_failure(err: BaseException) -> StageFailed | None:
             continue
         seen.add(id(e))
         if isinstance(e, StageFailed):
-            return StageFailed(e.stage, str(e).split(": ", 1)[-1]) if str(e).startswith("stage ") else e
+            return StageFailed(e.stage, e.message)
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+    found = _FAILED_LINE.findall(str(err))
+    return StageFailed(*found[-1]) if found else None
 
 
 class Executor:

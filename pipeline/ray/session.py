@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import ray
 from ray.data import DataContext
@@ -11,6 +12,10 @@ from ray.data import DataContext
 # credentials and endpoints (AWS_ENDPOINT_URL, FSSPEC_S3_*), so nodes of a `ray start` cluster, whose
 # environment is not the driver's, reach the same storage. They are visible in the job's runtime env;
 # on a real cluster prefer instance roles / node-level credentials and leave them unset on the driver.
+# Retry options (max_retries, max_restarts, max_task_retries) have no named parameter in Ray 2.60's
+# map_batches and still go through ray_remote_args; we set them explicitly on purpose.
+warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+
 ENV_PREFIXES = ("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_", "AWS_", "FSSPEC_", "GOOGLE_APPLICATION_")
 
 # CPUs reserved by the glue tasks (input/spill loaders, shard/spill sinks). They are I/O-bound and
