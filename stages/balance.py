@@ -55,7 +55,7 @@ from pydantic import Field
 
 from schemas import OK, Status
 from stages import metadata as md
-from stages.base import Resources, Stage, StageConfig, replace_column, set_status
+from stages.base import Resources, Stage, StageConfig, path_field, replace_column, set_status
 
 log = logging.getLogger(__name__)
 
@@ -273,18 +273,24 @@ def tail_fraction(counts: np.ndarray, t: int) -> float:
 
 
 class BalanceConfig(StageConfig):
-    # MetaCLIP metadata: a JSON list of entry strings (MetaCLIP's metadata.json) or a .txt file
-    # with one entry per line. Relative paths are tried from the working directory, then the repo.
-    metadata: str
-    # Per-entry cap: an entry matched count > t times keeps about t of its rows (20,000 for
-    # MetaCLIP-400M; scale with the pool size, see the module docstring).
-    t: int = Field(20_000, ge=1)
-    seed: int = 0  # seeds the per-row draws (derived from seed and key)
-    text_column: str = "caption"  # the text matched against the metadata
-    entries_column: bool = True  # add metaclip_entries (list<int32>): matched entry ids per row
-    batch_size: int = Field(8192, ge=1)  # rows per matcher call (one automaton pass each)
-    concurrency: int = Field(1, ge=1)  # matcher actors (each builds the automaton once)
-    num_cpus: float = Field(1.0, gt=0)  # CPUs per actor
+    metadata: str = path_field(
+        description="MetaCLIP metadata: a JSON list of entry strings (MetaCLIP's `metadata.json`) or a `.txt` "
+        "file with one entry per line."
+    )
+    t: int = Field(
+        20_000, ge=1, description="Per-entry cap: an entry matched count > t times keeps about t of its rows "
+        "(20,000 for MetaCLIP-400M; scale with the pool size, see the module docstring)."
+    )
+    seed: int = Field(0, description="Seeds the per-row draws (derived from seed and key).")
+    text_column: str = Field("caption", description="The text column matched against the metadata.")
+    entries_column: bool = Field(
+        True, description="Add `metaclip_entries` (list<int32>): the matched entry ids per row."
+    )
+    batch_size: int = Field(
+        8192, ge=1, description="Rows per `process` call; each is one matcher (automaton) pass."
+    )
+    concurrency: int = Field(1, ge=1, description="Matcher actors (each builds the automaton once).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor.")
 
 
 class Balance(Stage):
@@ -297,7 +303,6 @@ class Balance(Stage):
 
     def __init__(self, config: BalanceConfig | dict | None = None):
         super().__init__(config)
-        self.requires = (self.config.text_column,)
         self.fit_columns = (self.config.text_column,)
         self._entries: list[str] | None = None
         self._fingerprint: str | None = None
@@ -309,6 +314,9 @@ class Balance(Stage):
     def resources(self) -> Resources:
         c = self.config
         return Resources(num_cpus=c.num_cpus, concurrency=c.concurrency, batch_size=c.batch_size, actor=True)
+
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.config.text_column,)
 
     def output_columns(self) -> dict[str, pa.DataType]:
         return super().output_columns() if self.config.entries_column else {}
