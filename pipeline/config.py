@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline import registry
+from pipeline.paths import base_dirs, resolve_config_paths
 from stages.base import StageConfig
 
 
@@ -36,13 +37,21 @@ class ConfigError(ValueError):
 class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    address: str | None = None  # None: $RAY_ADDRESS if set, else start a local Ray
-    num_cpus: int | None = None  # for a local Ray only
-    object_store_memory: int | None = None  # bytes, for a local Ray only
-    max_task_retries: int = 3  # Ray Data task retries (worker death)
-    max_actor_restarts: int = 3  # actor pool restarts (actor death)
-    target_max_block_size: int = 512 * 1024 * 1024  # one block per shard must fit
-    show_progress: bool = True
+    address: str | None = Field(
+        None, description="Ray address to connect to; null: `$RAY_ADDRESS` if set, else start a local Ray."
+    )
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray (ignored when connecting to a cluster).")
+    object_store_memory: int | None = Field(
+        None, description="Object store size in bytes of a local Ray (ignored when connecting to a cluster)."
+    )
+    max_task_retries: int = Field(
+        3, description="Ray Data task retries (a worker that dies) and actor task retries."
+    )
+    max_actor_restarts: int = Field(3, description="Restarts of an actor of a pool that dies.")
+    target_max_block_size: int = Field(
+        512 * 1024 * 1024, description="Ray Data's block size limit in bytes; one block is one shard, it must fit."
+    )
+    show_progress: bool = Field(True, description="Show Ray Data's progress bars.")
 
 
 class StageSpec(BaseModel):
@@ -56,13 +65,24 @@ class StageSpec(BaseModel):
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = "pipeline"
-    output: str | None = None
-    samples_per_shard: int = Field(10_000, ge=1)
-    seed: int = 0
-    keep_intermediate: bool = False  # keep spilled intermediate shards after a successful run
-    ray: RayConfig = Field(default_factory=RayConfig)
-    stages: list[dict[str, Any]]
+    name: str = Field("pipeline", description="Name of the pipeline (manifest, report, plan).")
+    output: str | None = Field(
+        None, description="Output folder, any fsspec path (`s3://...`); `--output` overrides. Not resolved "
+        "against the workflow's folder: a relative output is relative to the working directory."
+    )
+    samples_per_shard: int = Field(
+        10_000, ge=1, description="Rows per input and output shard (img2dataset's `number_sample_per_shard`)."
+    )
+    seed: int = Field(
+        0, description="Seed of the run, recorded in the config hash; stages that draw at random have their own `seed` key."
+    )
+    keep_intermediate: bool = Field(
+        False, description="Keep the spilled intermediate shards (before global stages) after a successful run."
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="How Ray is started or reached (`RayConfig`).")
+    stages: list[dict[str, Any]] = Field(
+        description="The entries, each a one-key mapping `- NAME: {options}`: a source first, a sink last."
+    )
 
 
 class Pipeline(BaseModel):
@@ -159,10 +179,18 @@ def load(path: str | Path, overrides: list[str] | None = None, output: str | Non
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{source}:{where} invalid YAML: {getattr(e, 'problem', e)}") from None
-    return from_dict(raw, source=source, overrides=overrides, output=output)
+    return from_dict(raw, source=source, overrides=overrides, output=output, workflow_file=path)
 
 
-def from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = None, output: str | None = None) -> Pipeline:
+def from_dict(
+    raw: Any,
+    source: str = "<config>",
+    overrides: list[str] | None = None,
+    output: str | None = None,
+    workflow_file: str | Path | None = None,
+) -> Pipeline:
+    """Validate a pipeline given as a mapping. Path keys of the stages are resolved by
+    ``pipeline.paths`` (the folder of ``workflow_file``, if given, then the working directory)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping with a 'stages' list")
     raw = copy.deepcopy(raw)
@@ -179,6 +207,7 @@ def from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = 
     if not top.stages:
         raise ConfigError(f"{source}: 'stages' is empty — a pipeline needs at least a source and a sink")
     specs: list[StageSpec] = []
+    path_bases = base_dirs(workflow_file)
     for i, item in enumerate(top.stages):
         if not isinstance(item, dict) or len(item) != 1:
             raise ConfigError(
@@ -195,6 +224,7 @@ def from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = 
         body = body or {}
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: stages[{i}] ({name}): options must be a mapping, got {body!r}")
+        body = resolve_config_paths([cls.Config], body, path_bases)
         try:
             cfg: StageConfig = cls.Config(**body)
         except ValidationError as e:

@@ -1,5 +1,7 @@
-"""Generate the README's stage reference from the stage classes: every config key with its default
-and the comment beside it in the source. ``python -m pipeline.docs`` prints it;
+"""Generate the README's stage reference from the pydantic schema: every config key of the top level
+and of each stage, with its default and its ``Field(description=...)`` (the comment beside the key in
+the source where a key has no description yet). Keys that name local paths are marked (resolved by
+``pipeline.paths``). ``python -m pipeline.docs`` prints it;
 ``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
 ``tests/test_docs.py`` checks that README.md is up to date."""
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline import registry
+from stages.base import PATH_MARK
 
 BEGIN = "<!-- BEGIN STAGE REFERENCE (python -m pipeline.docs --write) -->"
 END = "<!-- END STAGE REFERENCE -->"
@@ -57,6 +60,8 @@ def _default(field) -> str:
     d = field.get_default(call_default_factory=True)
     if d is None:
         return "`null`"
+    if isinstance(d, BaseModel):
+        return "a mapping (below)"
     if isinstance(d, float) and d == float("inf"):
         return "`.inf`"
     return f"`{d!r}`".replace("'", '"') if not isinstance(d, bool) else f"`{str(d).lower()}`"
@@ -82,10 +87,29 @@ def stage_reference() -> str:
         for key, field in cls.Config.model_fields.items():
             if name == "write" and key in internal:
                 continue
-            text = comments.get(key, "").replace("|", "\\|")
-            parts.append(f"| `{key}` | {_default(field)} | {text} |")
+            parts.append(_row(key, field, comments))
         parts.append("")
-    return "\n".join(parts).strip() + "\n"
+    return "\n".join([*_top_level(), *parts]).strip() + "\n"
+
+
+def _row(key: str, field, comments: dict[str, str]) -> str:
+    text = field.description or comments.get(key, "")
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and extra.get(PATH_MARK):
+        text += " *(path: resolved against the workflow's folder, then the working directory)*"
+    text = " ".join(text.split()).replace("|", "\\|")
+    return f"| `{key}` | {_default(field)} | {text} |"
+
+
+def _top_level() -> list[str]:
+    from pipeline.config import PipelineConfig, RayConfig
+
+    parts = ["#### Top level\n\n| key | default | meaning |\n|---|---|---|"]
+    parts += [_row(k, f, {}) for k, f in PipelineConfig.model_fields.items()]
+    parts.append("\n#### `ray:`\n\n| key | default | meaning |\n|---|---|---|")
+    parts += [_row(k, f, {}) for k, f in RayConfig.model_fields.items()]
+    parts.append("")
+    return parts
 
 
 def main() -> int:
