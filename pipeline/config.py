@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import registry
 from stages.base import StageConfig
@@ -45,6 +45,44 @@ class RayConfig(BaseModel):
     show_progress: bool = True
 
 
+class ReportConfig(BaseModel):
+    """What ``report.html`` shows beyond the run's own numbers (the data's columns it should use)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label_column: str | None = Field(
+        None,
+        description="a column with a known label per row (e.g. a generator's ground truth): the report "
+        "splits the score histograms by its values and adds a 'labels' section (rows kept and rejected "
+        "per value); null: no label",
+    )
+    label_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="display name per label value (keys are the values as text, YAML booleans become "
+        "'true'/'false'); values not named are shown as they are",
+    )
+    show_columns: list[str] = Field(
+        default_factory=list,
+        description="extra columns whose values are shown under each sample in the sample grid",
+    )
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {label_key(k): val for k, val in v.items()}
+        return v
+
+
+def label_key(value: Any) -> str | None:
+    """A label value as text, as the report compares them (``True`` -> ``"true"``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -62,6 +100,9 @@ class PipelineConfig(BaseModel):
     seed: int = 0
     keep_intermediate: bool = False  # keep spilled intermediate shards after a successful run
     ray: RayConfig = Field(default_factory=RayConfig)
+    report: ReportConfig = Field(
+        default_factory=ReportConfig, description="what report.html shows beyond the run's own numbers"
+    )
     stages: list[dict[str, Any]]
 
 
@@ -82,11 +123,12 @@ class Pipeline(BaseModel):
         return top
 
     def config_hash(self) -> str:
-        """Hash of what determines the output (not where it goes, nor how Ray is run)."""
+        """Hash of what determines the output (not where it goes, how Ray is run, or what the report shows)."""
         res = self.resolved()
         res.pop("output", None)
         res.pop("ray", None)
         res.pop("keep_intermediate", None)
+        res.pop("report", None)  # presentation only: changing it neither changes nor blocks a resumed run
         return hashlib.sha256(json.dumps(res, sort_keys=True).encode()).hexdigest()[:16]
 
     def build(self, index: int):
