@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import registry
 from pipeline.paths import base_dirs, resolve_config_paths
@@ -54,6 +54,44 @@ class RayConfig(BaseModel):
     show_progress: bool = Field(True, description="Show Ray Data's progress bars.")
 
 
+class ReportConfig(BaseModel):
+    """What ``report.html`` shows beyond the run's own numbers (the data's columns it should use)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label_column: str | None = Field(
+        None,
+        description="a column with a known label per row (e.g. a generator's ground truth): the report "
+        "splits the score histograms by its values and adds a 'labels' section (rows kept and rejected "
+        "per value); null: no label",
+    )
+    label_names: dict[str, str] = Field(
+        default_factory=dict,
+        description="display name per label value (keys are the values as text, YAML booleans become "
+        "'true'/'false'); values not named are shown as they are",
+    )
+    show_columns: list[str] = Field(
+        default_factory=list,
+        description="extra columns whose values are shown under each sample in the sample grid",
+    )
+
+    @field_validator("label_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {label_key(k): val for k, val in v.items()}
+        return v
+
+
+def label_key(value: Any) -> str | None:
+    """A label value as text, as the report compares them (``True`` -> ``"true"``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 class StageSpec(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -80,6 +118,9 @@ class PipelineConfig(BaseModel):
         False, description="Keep the spilled intermediate shards (before global stages) after a successful run."
     )
     ray: RayConfig = Field(default_factory=RayConfig, description="How Ray is started or reached (`RayConfig`).")
+    report: ReportConfig = Field(
+        default_factory=ReportConfig, description="What report.html shows beyond the run's own numbers."
+    )
     stages: list[dict[str, Any]] = Field(
         description="The entries, each a one-key mapping `- NAME: {options}`: a source first, a sink last."
     )
@@ -102,11 +143,12 @@ class Pipeline(BaseModel):
         return top
 
     def config_hash(self) -> str:
-        """Hash of what determines the output (not where it goes, nor how Ray is run)."""
+        """Hash of what determines the output (not where it goes, how Ray is run, or what the report shows)."""
         res = self.resolved()
         res.pop("output", None)
         res.pop("ray", None)
         res.pop("keep_intermediate", None)
+        res.pop("report", None)  # presentation only: changing it neither changes nor blocks a resumed run
         return hashlib.sha256(json.dumps(res, sort_keys=True).encode()).hexdigest()[:16]
 
     def build(self, index: int):
