@@ -1,5 +1,6 @@
 """Generate the README's stage reference from the stage classes: every config key with its default
-and the comment beside it in the source. ``python -m pipeline.docs`` prints it;
+and its ``Field(description=...)`` (else the comment beside it in the source); a tagged union (a key
+with ``Field(discriminator=...)``) gets one sub-table per member. ``python -m pipeline.docs`` prints it;
 ``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
 ``tests/test_docs.py`` checks that README.md is up to date."""
 
@@ -11,6 +12,7 @@ import re
 import sys
 import tokenize
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -62,6 +64,43 @@ def _default(field) -> str:
     return f"`{d!r}`".replace("'", '"') if not isinstance(d, bool) else f"`{str(d).lower()}`"
 
 
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _rows(model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
+    """One table row per key of ``model``: its description (else the comment beside it in the source)."""
+    comments = _comments(model)
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, field in model.model_fields.items():
+        if key not in skip:
+            rows.append(f"| `{key}` | {_default(field)} | {_cell(field.description or comments.get(key, ''))} |")
+    return rows
+
+
+def _union_members(field) -> tuple[str, list[type[BaseModel]]] | None:
+    """``(discriminator, member models)`` of a tagged-union field, else None."""
+    disc = field.discriminator
+    if not isinstance(disc, str):
+        return None
+    members = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return (disc, members) if members else None
+
+
+def _union_tables(key: str, field) -> list[str]:
+    """One sub-table per member of a tagged union (``key: {disc: TAG, ...}``)."""
+    union = _union_members(field)
+    if union is None:
+        return []
+    disc, members = union
+    parts = []
+    for m in members:
+        tag = ", ".join(str(v) for v in get_args(m.model_fields[disc].annotation))
+        text = _cell(m.model_fields[disc].description or (m.__doc__ or "").strip().split("\n\n")[0])
+        parts += ["", f"`{key}: {{{disc}: {tag}, ...}}` — {text}", "", *_rows(m, skip={disc})]
+    return parts
+
+
 def stage_reference() -> str:
     from stages.write import WriteConfig
 
@@ -77,13 +116,10 @@ def stage_reference() -> str:
             parts.append(f"Requires: {', '.join(f'`{c}`' for c in cls.requires)}. ")
         if cls.produces:
             parts.append(f"Adds: {', '.join(f'`{c}`' for c in cls.produces)}.")
-        parts.append("\n\n| key | default | meaning |\n|---|---|---|")
-        comments = _comments(cls.Config)
+        parts.append("")
+        parts += _rows(cls.Config, skip=internal if name == "write" else set())
         for key, field in cls.Config.model_fields.items():
-            if name == "write" and key in internal:
-                continue
-            text = comments.get(key, "").replace("|", "\\|")
-            parts.append(f"| `{key}` | {_default(field)} | {text} |")
+            parts += _union_tables(key, field)
         parts.append("")
     return "\n".join(parts).strip() + "\n"
 
