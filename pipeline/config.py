@@ -20,7 +20,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -160,16 +160,59 @@ def _fmt_loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _describe_error(err: dict, fields: dict[str, Any] | None) -> str:
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation allows (one, or the members of a union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _tags(model: type[BaseModel], discriminator: str) -> list[str]:
+    f = model.model_fields.get(discriminator)
+    return [str(v) for v in get_args(f.annotation)] if f is not None else []
+
+
+def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | None:
+    """The model whose keys sit at ``path`` (an error's ``loc`` minus its last part), following nested
+    models and tagged unions (whose ``loc`` holds the tag: ``engine.<tag>.key``)."""
+    parts, i = [str(p) for p in path], 0
+    while model is not None and i < len(parts):
+        field = model.model_fields.get(parts[i])
+        if field is None:
+            return None
+        members, i = _models_of(field.annotation), i + 1
+        if len(members) == 1:
+            model = members[0]
+        elif isinstance(field.discriminator, str) and i < len(parts):
+            model = next((m for m in members if parts[i] in _tags(m, field.discriminator)), None)
+            i += 1
+        else:
+            return None
+    return model
+
+
+def _describe_error(err: dict, model: type[BaseModel]) -> str:
     typ = err.get("type", "")
-    loc = _fmt_loc(err.get("loc", ()))
+    loc_t = tuple(err.get("loc", ()))
+    loc = _fmt_loc(loc_t)
+    holder = _model_at(model, loc_t[:-1])
     if typ == "extra_forbidden":
+        fields = holder.model_fields if holder is not None else {}
         allowed = ", ".join(sorted(fields)) if fields else "(none)"
         return f"unknown key '{loc}' — allowed keys: {allowed}"
     if typ == "missing":
         return f"missing required key '{loc}'"
     inp = err.get("input")
     shown = repr(inp) if not isinstance(inp, dict | list) else type(inp).__name__
+    field = holder.model_fields.get(str(loc_t[-1])) if holder is not None and loc_t else None
+    if typ in ("union_tag_invalid", "union_tag_not_found", "model_attributes_type") and field is not None:
+        disc = field.discriminator
+        if isinstance(disc, str):
+            tags = [t for m in _models_of(field.annotation) for t in _tags(m, disc)]
+            got = shown
+            if isinstance(inp, dict):
+                got = repr(inp[disc]) if disc in inp else f"a mapping without '{disc}'"
+            return f"key '{loc}': expected a mapping with '{disc}': one of {', '.join(tags)} (got {got})"
     return f"key '{loc}': {err.get('msg', 'invalid value')} (got {shown})"
 
 
@@ -245,7 +288,7 @@ def from_dict(
         top = PipelineConfig(**raw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ConfigError(f"{source}: {_describe_error(err, PipelineConfig.model_fields)}") from None
+        raise ConfigError(f"{source}: {_describe_error(err, PipelineConfig)}") from None
     if not top.stages:
         raise ConfigError(f"{source}: 'stages' is empty — a pipeline needs at least a source and a sink")
     specs: list[StageSpec] = []
@@ -271,7 +314,7 @@ def from_dict(
             cfg: StageConfig = cls.Config(**body)
         except ValidationError as e:
             err = e.errors()[0]
-            raise ConfigError(f"{source}: stages[{i}] ({name}): {_describe_error(err, cls.Config.model_fields)}") from None
+            raise ConfigError(f"{source}: stages[{i}] ({name}): {_describe_error(err, cls.Config)}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source}: stages[{i}] ({name}): {e}") from None
         specs.append(StageSpec(name=name, config=cfg, index=i))

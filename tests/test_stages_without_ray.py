@@ -23,7 +23,8 @@ CONFIGS = {
     "clip_score": {"model": TOY_CLIP, "batch_size": 16},
     "clip_filter": {"top_fraction": 0.5},
     "balance": {"metadata": str(REPO / "demo" / "assets" / "shapes_metadata.json"), "t": 5},
-    "rewrite": {"model": str(REPO / "demo" / "assets" / "toy_lm"), "n_rewrites": 1, "max_new_tokens": 24},
+    "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
+                "max_new_tokens": 24},
 }
 ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "rewrite"]
 
