@@ -47,7 +47,7 @@ def rows(demo_urls, tmp_path_factory) -> pa.Table:
             "index_digits": pa.array([plan.index_digits], pa.int32()),
         }
     )
-    return read(spec)
+    return read.load_specs(spec)
 
 
 def test_every_registered_stage_is_covered():
@@ -80,8 +80,9 @@ def test_stages_chain_without_ray(rows, tmp_path):
     ok = t.filter(pc.equal(t.column("status"), OK))
     assert ok.num_rows > 0
 
-    write = registry.get("write")(registry.get("write").Config(output=str(tmp_path)))
-    write.setup()
-    stats = write(t)
-    assert stats.num_rows == 1
+    from stages.roles import SinkContext
+
+    write = registry.get("write")(registry.get("write").Config())
+    stats = write.write(t, SinkContext(output=str(tmp_path)))
+    assert len(stats) == 1
     assert (Path(tmp_path) / "00000.tar").exists() and (Path(tmp_path) / "00000_stats.json").exists()

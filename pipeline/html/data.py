@@ -22,9 +22,10 @@ from pipeline import registry
 from pipeline.config import ReportConfig, label_key
 from pipeline.runs import RunDir
 from schemas import OK
+from schemas.manifest import PARQUET_SUFFIX, shard_files, shard_of
+from schemas.members import is_image_member, split_member
 from schemas.row import IMAGE_COLUMN, REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL, field_type
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Always read when present; score, entry, label and extra sample columns are added per run.
 BASE_REPORT_COLUMNS = ("key", "url", "host", "caption", "status", "reason", "rejected_by", REWRITES_COLUMN)
 
@@ -100,10 +101,6 @@ def thresholds(manifest: dict) -> list[tuple[str, float, tuple[str, ...]]]:
     return out
 
 
-def _is_shard(base: str, suffix: str) -> bool:
-    return base.endswith(suffix) and base[: -len(suffix)].isdigit()
-
-
 def wanted_columns(manifest: dict, stages: list[StageEntry], rc: ReportConfig) -> list[str]:
     cols = [*BASE_REPORT_COLUMNS, *SCORE_COLUMNS]
     for s in entry_stages(manifest, stages):
@@ -117,7 +114,7 @@ def load_rows(rd: RunDir, columns: list[str]) -> pl.DataFrame:
     frames = []
     for p in sorted(rd.fs.glob(rd.path("*.parquet"))):
         base = posixpath.basename(p)
-        if not _is_shard(base, ".parquet"):
+        if shard_of(base, (PARQUET_SUFFIX,)) is None:
             continue
         with rd.fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
@@ -142,14 +139,14 @@ def read_images(rd: RunDir, wanted: dict[str, list[str]]) -> dict[str, bytes]:
     """Image bytes of ``wanted`` keys (shard name -> keys), read from the shard tars."""
     out: dict[str, bytes] = {}
     for shard, keys in wanted.items():
-        path = rd.path(f"{shard}.tar")
+        path = rd.path(shard_files(shard)[0])
         if not rd.exists(path):
             continue
         want = set(keys)
         with rd.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
-                key, _, ext = m.name.partition(".")
-                if m.isfile() and key in want and ext.lower() in IMAGE_EXTS:
+                key, ext = split_member(m.name)
+                if m.isfile() and key in want and is_image_member(ext):
                     data = tar.extractfile(m)
                     if data is not None:
                         out[key] = data.read()

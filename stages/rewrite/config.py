@@ -17,15 +17,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.base import ComputeConfig, RoleConfig
+from stages.base import ComputeConfig, RoleConfig, path_field
 from stages.rewrite.prompt import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, INSTRUCTION, load_bank
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
 
 
-def _model_field(what: str):
-    return Field(description=what)
+def _model_field(what: str, path: bool = False):
+    return path_field(description=what) if path else Field(description=what)
 
 
 def _max_retries_field():
@@ -53,10 +53,7 @@ class TransformersEngineConfig(RoleConfig):
     """A local Hugging Face causal LM, generating inside the stage (CPU or GPU)."""
 
     type: Literal["transformers"] = Field(description="`transformers`: a local causal LM inside the stage.")
-    model: str = _model_field(
-        "A Hugging Face model folder or Hub id; a relative folder is tried from the working directory, then "
-        "the repository."
-    )
+    model: str = _model_field("A Hugging Face model folder or Hub id.", path=True)
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto`: cuda when available and `num_gpus` > 0, else cpu."
     )
@@ -133,7 +130,7 @@ class VLLMEngineConfig(RoleConfig):
         description="`vllm`: vLLM replicas through `ray.data.llm` (`vLLMEngineProcessorConfig`); `concurrency` "
         "replicas of `num_gpus` GPUs each (> 1 sets `tensor_parallel_size`)."
     )
-    model: str = _model_field("A Hugging Face model id or folder that vLLM can load.")
+    model: str = _model_field("A Hugging Face model id or folder that vLLM can load.", path=True)
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="vLLM engine kwargs (`max_model_len`, `enable_prefix_caching`, `gpu_memory_utilization`, ...).",
@@ -164,7 +161,7 @@ class RewriteConfig(ComputeConfig):
         DEFAULT_USER_TEMPLATE,
         description="Chat mode: the user message; `{prompt}` = the LaCLIP few-shot prompt, `{caption}` = the caption.",
     )
-    bank: str | None = Field(
+    bank: str | None = path_field(
         None, description='JSONL of {"source", "target"} example pairs; null: stages/data/laclip_bank.jsonl.'
     )
     k: int = Field(3, ge=0, description="Examples per prompt.")

@@ -3,21 +3,10 @@ with left padding, stop at a newline, on CPU or GPU). No ``ray.data.llm`` proces
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from stages.rewrite.engines.base import Engine, Generation, Request
 from stages.rewrite.prompt import STOP, seed_of
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def local_path(model: str) -> str:
-    """``model`` as given, or relative to the repository when it names a folder there."""
-    if Path(model).exists() or Path(model).is_absolute():
-        return model
-    in_repo = REPO / model
-    return str(in_repo) if in_repo.exists() else model
 
 
 class TransformersEngine(Engine):
@@ -28,7 +17,7 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         e = self.engine
-        path = local_path(e.model)
+        path = e.model  # resolved at load (pipeline.paths)
         device = e.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() and self.config.num_gpus > 0 else "cpu"
