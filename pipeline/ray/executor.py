@@ -26,6 +26,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -170,7 +171,8 @@ class Executor:
         self.globals, self.segs = self._segments()
         resources.check(self.pipe.source, self.stages, self.targets, self.segs)
         self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite)
-        self.counter = Counter.remote()
+        self.counter = f"clipcurate-counter-{uuid.uuid4().hex[:12]}"  # workers find it by name
+        self._counter = Counter.options(name=self.counter).remote()
         self.plan: InputPlan = self.rd.input_plan(self.stages[0], self.pipe.config.samples_per_shard)
         done = self.rd.completed_shards(self.plan)
         pending = [s for s in range(self.plan.n_shards) if s not in done]
@@ -216,7 +218,7 @@ class Executor:
         finally:
             stop.set()
             poller.join(timeout=5)
-        progress = ray.get(self.counter.snapshot.remote())
+        progress = ray.get(self._counter.snapshot.remote())
         middle = self.stages[1:-1]
         data = manifest_mod.build(
             pipe=self.pipe,
@@ -242,7 +244,7 @@ class Executor:
     def _poll(self, stop: threading.Event) -> None:
         while not stop.wait(10.0):
             try:
-                snap = ray.get(self.counter.snapshot.remote(), timeout=5)
+                snap = ray.get(self._counter.snapshot.remote(), timeout=5)
             except Exception:  # noqa: BLE001 - progress is best effort
                 continue
             if self.on_progress:

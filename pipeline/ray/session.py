@@ -58,7 +58,29 @@ def init_ray(pipe) -> None:
         )
 
 
+def _pass_actor_arguments_by_value() -> None:
+    """Make restarts of Ray Data actors independent of the object store, without Ray's warning.
+
+    Ray Data (2.60) creates each actor of a pool with its UDF and its DataContext as ObjectRefs (put
+    once per operator) and ``max_restarts`` on; Ray core then logs an error-level line at the first
+    actor ("has constructor arguments in the object store and max_restarts > 0 ... the actor restart
+    will fail", ray-project/ray#53727). Our UDFs carry only small arguments (a stage name, its config
+    as JSON, the URL of its fitted state), so the actors get both objects by value: Ray stores them
+    with the actor's creation spec and a restarted actor never depends on an object the driver could
+    lose. Ray Data's workers resolve either form the same way."""
+    try:
+        from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+    except ImportError:  # a Ray Data without that operator: nothing to adjust
+        return
+    if getattr(ActorPoolMapOperator, "_clipcurate_by_value", False):
+        return
+    ActorPoolMapOperator._map_transformer_ref = property(lambda self: self._map_transformer)
+    ActorPoolMapOperator._data_context_ref = property(lambda self: self.data_context)
+    ActorPoolMapOperator._clipcurate_by_value = True
+
+
 def configure_data_context(pipe) -> None:
+    _pass_actor_arguments_by_value()
     ctx = DataContext.get_current()
     ctx.target_max_block_size = pipe.config.ray.target_max_block_size
     ctx.enable_progress_bars = pipe.config.ray.show_progress

@@ -1,7 +1,8 @@
 """What Ray runs for a source, a stage or a sink.
 
 Workers get small constructor arguments only (the entry's name in the registry, its config as
-JSON, the URL of its fitted state), so an actor that dies is restarted from them, and they build
+JSON, the URL of its fitted state, the name of the run's counter actor), passed by value, so an actor
+that dies is restarted from them, and they build
 the stage themselves: no stage object or state travels through the object store. Each operator is
 named after its stage (``MapBatches(download)``), which is what progress bars and the dashboard show.
 """
@@ -95,11 +96,26 @@ def rejected_by(table: pa.Table, stage: str) -> dict[str, int]:
     return {d["values"]: d["counts"] for d in vc.to_pylist()}
 
 
-def run_stage(stage, name: str, batch: pa.Table, counter) -> pa.Table:
+_COUNTERS: dict[str, Any] = {}
+
+
+def counter_handle(counter: str | None):
+    """The run's ``Counter`` actor, by name. Workers get the name, not the handle: a handle inside a
+    UDF is an object-store reference in each actor's constructor arguments (ray-project/ray#53727)."""
+    if counter is None:
+        return None
+    h = _COUNTERS.get(counter)
+    if h is None:
+        h = _COUNTERS[counter] = ray.get_actor(counter)
+    return h
+
+
+def run_stage(stage, name: str, batch: pa.Table, counter: str | None) -> pa.Table:
     t0 = time.perf_counter()
     out = stage(batch)
-    if counter is not None:
-        counter.report.remote(name, out.num_rows, time.perf_counter() - t0, rejected_by(out, name))
+    h = counter_handle(counter)
+    if h is not None:
+        h.report.remote(name, out.num_rows, time.perf_counter() - t0, rejected_by(out, name))
     return out
 
 
@@ -143,8 +159,9 @@ def source_fn(name: str, target: str, cfg_json: str, counter):
         src = build(target, cfg_json)
         t0 = time.perf_counter()
         out = src.load_specs(specs)
-        if counter is not None:
-            counter.report.remote(name, out.num_rows, time.perf_counter() - t0, {})
+        h = counter_handle(counter)
+        if h is not None:
+            h.report.remote(name, out.num_rows, time.perf_counter() - t0, {})
         return out
 
     fn.__name__ = fn.__qualname__ = _label(name)
