@@ -6,7 +6,8 @@
     clipcurate report out/
     clipcurate submit workflows/demo.yaml --address http://127.0.0.1:8265 -- --output /shared/out
 
-Bad configs fail before any work with one line naming the file, the stage and the key (exit 2).
+Bad configs and bad inputs (missing file or column, empty list, an output of another config or of a
+changed input) fail before any work with one line naming the file, the stage and the key (exit 2).
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, pipe) -> int:
+    from pipeline.preflight import preflight
+
+    # Input and output problems end here, in one line, before Ray starts and before anything is written.
+    preflight(pipe, overwrite=args.overwrite)
     from pipeline import executor, report
 
     printer = report.ProgressPrinter()
