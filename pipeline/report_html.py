@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.report import funnel_rows
+from pipeline.report import funnel_rows, input_rows
 from pipeline.runs import RunDir
 from schemas import OK
 from schemas.manifest import MANIFEST_NAME, STATE_DIR
@@ -223,28 +223,31 @@ def section_overview(manifest: dict, df: pl.DataFrame) -> str:
     body += f"--train-num-samples {_e(manifest.get('total_samples'))}</p>"
     if manifest.get("total_rows") is not None and manifest["total_rows"] != df.height:
         body += f'<p class="warn">manifest.json counts {manifest["total_rows"]} rows, the Parquet files {df.height}.</p>'
+    n_in = input_rows(manifest)
+    if n_in is not None and n_in != df.height:
+        body += f'<p class="warn">rows in != rows out: the input had {n_in} rows, the output has {df.height}.</p>'
     return _section("overview", "Overview", body)
 
 
 def section_funnel(manifest: dict, df: pl.DataFrame) -> str:
     order = stage_names(manifest)
     ss = parquet_stage_status(df)
-    rows = funnel_rows({"config": manifest.get("config", {}), "total_rows": df.height, "stage_status": ss})
+    rows = funnel_rows({
+        "config": manifest.get("config", {}), "total_rows": df.height, "stage_status": ss,
+        "stage_seconds": manifest.get("stage_seconds"), "stage_rows": manifest.get("stage_rows"),
+    })  # fmt: skip
     remaining = rows[-1]["out"] if rows else df.height
     for stage in ss:  # rows rejected by a stage the config does not name (should not happen)
         if stage not in order:
             n = sum(ss[stage].values())
-            rows.append({"stage": stage, "in": remaining, "rejected": ss[stage], "out": remaining - n})
+            rows.append({"stage": stage, "in": remaining, "rejected": ss[stage], "out": remaining - n,
+                         "seconds": None, "rows_per_s": None})
             remaining -= n
-    secs = manifest.get("stage_seconds", {})
-    nrows = manifest.get("stage_rows", {})
     table_rows = []
     for r in rows:
-        s, n = secs.get(r["stage"]), nrows.get(r["stage"])
+        s, rate = r["seconds"], r["rows_per_s"]
         rej = ", ".join(f"{k}: {v}" for k, v in sorted(r["rejected"].items())) or "-"
-        table_rows.append(
-            [r["stage"], r["in"], rej, r["out"], f"{s:.1f}" if s else "-", f"{n / s:.0f}" if s and n else "-"]
-        )
+        table_rows.append([r["stage"], r["in"], rej, r["out"], f"{s:.1f}" if s else "-", f"{rate:.0f}" if rate else "-"])
     body = _table(
         ["stage", "rows in", "rejected (status: rows)", "ok out", "busy s", "rows/s"],
         table_rows,
