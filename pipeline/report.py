@@ -118,19 +118,16 @@ def print_summary(manifest: dict, report_path: str | None = None, file=None) -> 
         f"rows: {'?' if n_in is None else n_in} in, {n_out} out "
         f"({sc.get(OK, 0)} ok samples in {len(manifest['shards'])} shards)"
         + ("  [resumed]" if manifest.get("resumed") else "")
-        + ("  (WebDataset input: rows are counted as the tars are read)" if n_in is None else "")
+        + ("  (WebDataset input: rows are counted as the tars are read)" if n_in is None else ""),
+        markup=False,  # "[resumed]" is text, not a rich style tag
     )
     if n_in is not None and n_in != n_out:
         what = (
-            f"{n_in - n_out} input rows are missing from the output"
+            f"{n_in - n_out} of the {n_in} input rows are missing from the output"
             if n_in > n_out
-            else f"the output has {n_out - n_in} rows more than the input"
+            else f"the output has {n_out - n_in} rows more than the {n_in} input rows"
         )
-        console.print(
-            f"[bold red]ROWS IN != ROWS OUT ({n_in} in, {n_out} out): {what}; every input row should be in "
-            f"the shard Parquet files[/bold red]",
-            highlight=False,
-        )
+        console.print(f"[bold red]ROWS IN != ROWS OUT: {what}[/bold red]", highlight=False)
     console.print(f"wall time: {manifest['wall_seconds']:.1f}s")
     console.print(f"output:   {manifest['output']}")
     console.print(f"shards:   {manifest['shard_pattern']}  (--train-num-samples {manifest['total_samples']})")
