@@ -1,6 +1,6 @@
 """Generate the README's stage reference from the stage classes: every config key with its default
-and the comment beside it in the source. ``python -m pipeline.docs`` prints it;
-``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
+and its ``Field(description=...)``, else the comment beside it in the source. ``python -m
+pipeline.docs`` prints it; ``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
 ``tests/test_docs.py`` checks that README.md is up to date."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def stage_reference() -> str:
         for key, field in cls.Config.model_fields.items():
             if name == "write" and key in internal:
                 continue
-            text = comments.get(key, "").replace("|", "\\|")
+            text = (field.description or comments.get(key, "")).replace("|", "\\|")
             parts.append(f"| `{key}` | {_default(field)} | {text} |")
         parts.append("")
     return "\n".join(parts).strip() + "\n"

@@ -1,5 +1,9 @@
 """Read URL lists (parquet, csv, tsv, json, jsonl, txt; optionally gzipped) or existing WebDataset shards.
 
+``path`` is a file, a folder, a glob or a list of them. Before anything runs, ``check`` looks at the input
+without reading it whole (listing, Parquet footers, first rows of text files): files exist, their format is
+known, the configured columns are there, and there is a row (unless ``allow_empty``).
+
 Reading happens in two steps, like img2dataset:
 
 1. ``split`` (on the driver, streaming, never the whole list in memory): the input is cut into
@@ -55,7 +59,8 @@ class ReadConfig(StageConfig):
     # file, folder, glob, or a list of them; any fsspec path (s3://..., file://...). A folder is read as
     # its files of the format, sorted (names starting with '.' or '_' skipped).
     path: str | list[str]
-    input_format: Literal[FORMATS] = "auto"  # img2dataset's names; auto = from the extension
+    # img2dataset's names; auto = from the extension (a folder: its files of the one known format they share)
+    input_format: Literal[FORMATS] = "auto"
     url_col: str = "url"  # column holding the URL (img2dataset's url_col)
     caption_col: str | None = "caption"  # column holding the caption; null: no captions
     # Input columns carried to the output (Parquet and the tar's json), as strings: text as is,
