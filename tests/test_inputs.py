@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
 import tarfile
@@ -62,12 +64,12 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]] | None:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
-def refused(workflow: Path, out: Path, *args: str) -> str:
+def refused(workflow: Path, out: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run ``pipeline run WORKFLOW --output OUT ARGS``; assert it was refused properly; return the line."""
     before = _snapshot(out)
     r = subprocess.run(
         [sys.executable, "-c", PROBE, "run", str(workflow), "--output", str(out), "--no-report", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
     assert r.returncode == 2, r.stdout + r.stderr
     probe = json.loads(r.stdout.strip().splitlines()[-1])
@@ -173,6 +175,46 @@ def test_output_of_a_different_config(tmp_path):
     (other / "thesis.pdf").write_bytes(b"%PDF")
     line = refused(wf, other)
     assert f"output {other} is not empty and was not written by clipcurate" in line
+
+
+def test_object_store_paths_are_checked_too(tmp_path, monkeypatch):
+    """s3:// files and folders, on an S3-compatible server on 127.0.0.1 (moto), as in test_cluster."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {
+            "AWS_ACCESS_KEY_ID": "clipcurate-test",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        }
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+        fs.mkdir("inputs")
+        with fs.open("inputs/pool/a.parquet", "wb") as f:
+            pq.write_table(_table(), f)
+        with fs.open("inputs/bare/a.parquet", "wb") as f:
+            pq.write_table(_table(cols=("url",)), f)
+        wf = _workflow(tmp_path, "s3://inputs/pool/")
+        out = str(tmp_path / "out")
+        line = refused(wf, tmp_path / "out", "--set", "stages.read.path=s3://inputs/nope.parquet", env=env)
+        assert "key 'path'" in line and "s3://inputs/nope.parquet: no such file or folder" in line
+        line = refused(wf, tmp_path / "out", "--set", "stages.read.path=s3://inputs/bare", env=env)
+        assert "key 'caption_col'" in line and "s3://inputs/bare/a.parquet" in line
+        type(fs).clear_instance_cache()
+        assert expand_paths("s3://inputs/pool") == ["s3://inputs/pool/a.parquet"]
+        pipe = config.load(wf, output=out)
+        preflight(pipe)
+        fingerprint = pipe.build(0).fingerprint()
+        assert fingerprint[0]["size"] > 0 and fingerprint[0]["version"], fingerprint  # the ETag
+    finally:
+        type(fs).clear_instance_cache()
+        server.stop()
 
 
 # ---- a folder runs, equals the glob, and a changed input is refused ------------------------------
