@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-cluster lint install clean bench-match bench-download bench-scale train-demo-models
+.PHONY: demo test test-fast test-cluster lint install clean bench-match bench-download bench-scale train-demo-models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# unit tests only (no Ray, no subprocess runs): under 2 minutes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" tests
 
 # A two-node Ray cluster on this machine + an S3-compatible server (moto) on 127.0.0.1; ~3 minutes.
 test-cluster: $(STAMP)

@@ -58,7 +58,8 @@ def child(spec_path: str) -> None:
     """Run the pipeline described by the JSON spec; print one JSON line with the timings."""
     import logging
 
-    from pipeline import config, executor, plan
+    from pipeline import config, plan
+    from pipeline import ray as executor
 
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(Path(spec_path).read_text())

@@ -113,10 +113,16 @@ def _run(args, pipe) -> int:
 
     # Input and output problems end here, in one line, before Ray starts and before anything is written.
     preflight(pipe, overwrite=args.overwrite)
-    from pipeline import executor, report
+    from pipeline import report
+    from pipeline.ray import run
+    from stages.base import StageFailed
 
     printer = report.ProgressPrinter()
-    manifest = executor.run(pipe, overwrite=args.overwrite, on_progress=printer)
+    try:
+        manifest = run(pipe, overwrite=args.overwrite, on_progress=printer)
+    except StageFailed as e:
+        print(f"error: {pipe.source}: {e} (shards written so far are kept; rerun to resume)", file=sys.stderr)
+        return 1
     html = None
     if not args.no_report:
         try:
@@ -128,7 +134,7 @@ def _run(args, pipe) -> int:
 
 
 def _submit(args) -> int:
-    from pipeline import executor
+    from pipeline.ray import submit
 
     run_args = list(args.run_args)
     for s in args.set:
@@ -139,7 +145,7 @@ def _submit(args) -> int:
     workflow = (
         os.path.relpath(workflow, working_dir) if workflow.startswith(working_dir + os.sep) else args.file
     )
-    return executor.submit(workflow, args.address, run_args, working_dir, _runtime_env(working_dir))
+    return submit(workflow, args.address, run_args, working_dir, _runtime_env(working_dir))
 
 
 SUBMIT_PIP_ENV = "CLIPCURATE_SUBMIT_PIP"  # "0": the cluster already has the dependencies (no pip install)

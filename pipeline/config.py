@@ -158,7 +158,7 @@ def load(path: str | Path, overrides: list[str] | None = None, output: str | Non
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise ConfigError(f"{source}: cannot read file: {e.strerror}") from None
+        raise ConfigError(f"{source}: cannot open the file: {e.strerror}") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -183,13 +183,13 @@ def from_dict(raw: Any, source: str = "<config>", overrides: list[str] | None = 
         err = e.errors()[0]
         raise ConfigError(f"{source}: {_describe_error(err, PipelineConfig.model_fields)}") from None
     if not top.stages:
-        raise ConfigError(f"{source}: 'stages' is empty — a pipeline needs at least read and write")
+        raise ConfigError(f"{source}: 'stages' is empty — a pipeline needs at least a source and a sink")
     specs: list[StageSpec] = []
     for i, item in enumerate(top.stages):
         if not isinstance(item, dict) or len(item) != 1:
             raise ConfigError(
                 f"{source}: stages[{i}]: each stage is a mapping with one key, the stage name "
-                f"(e.g. '- download: {{timeout: 10}}'), got {item!r}"
+                f"(e.g. '- NAME: {{key: value}}'), got {item!r}"
             )
         name, body = next(iter(item.items()))
         try:

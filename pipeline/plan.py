@@ -1,8 +1,8 @@
-"""Check a pipeline's columns across stages, and describe the plan (``clipcurate plan``).
+"""Check a pipeline's roles and columns, and describe the plan (``clipcurate plan``).
 
-Every column a stage ``requires`` must be produced by an earlier stage (the read stage
-produces the base columns of ``schemas.row``). The first stage must be ``read`` and the last
-``write``.
+Works from the declarations alone (``stages.base`` and ``stages.roles``): the first entry must be a
+source, the last a sink, the others stages; every column an entry requires must be produced (or,
+for the base columns of ``schemas.row.FILLED_LATER``, filled) by an earlier entry.
 """
 
 from __future__ import annotations
@@ -10,18 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config import ConfigError, Pipeline
-from schemas.row import BASE_FIELDS
-
-# Base columns that exist (possibly null) from the read stage on, but carry data only once a
-# stage fills them. ``requires`` on them is checked against the stage that fills them.
-FILLED_BY_DOWNLOAD = ("image", "width", "height", "original_width", "original_height", "sha256")
+from schemas.row import BASE_FIELDS, FILLED_LATER
+from stages.roles import role_of
 
 
 @dataclass
 class StepPlan:
     index: int
     name: str
-    kind: str  # "read", "task", "actor", "write"
+    kind: str  # "source", "task", "actor", "hook", "sink"
     is_global: bool
     requires: tuple[str, ...]
     produces: tuple[str, ...]
@@ -30,43 +27,44 @@ class StepPlan:
 
 
 def check(pipe: Pipeline) -> list[StepPlan]:
-    """Validate stage order and columns. Raises ConfigError naming file, stage and column."""
+    """Validate roles and columns. Raises ConfigError naming file, stage and column."""
     src = pipe.source
+    built = [pipe.build(spec.index) for spec in pipe.stages]
+    roles = [role_of(b) for b in built]
     names = [s.name for s in pipe.stages]
-    if names[0] != "read":
-        raise ConfigError(f"{src}: stages[0] ({names[0]}): the first stage must be 'read'")
-    if names[-1] != "write":
-        raise ConfigError(f"{src}: stages[{len(names) - 1}] ({names[-1]}): the last stage must be 'write'")
-    for i, n in enumerate(names[1:-1], start=1):
-        if n in ("read", "write"):
-            raise ConfigError(f"{src}: stages[{i}] ({n}): '{n}' may only appear {'first' if n == 'read' else 'last'}")
-    available = {f.name for f in BASE_FIELDS} - set(FILLED_BY_DOWNLOAD)
+    last = len(names) - 1
+    if roles[0] != "source":
+        raise ConfigError(f"{src}: stages[0] ({names[0]}): the first stage must be a source")
+    if roles[-1] != "sink":
+        raise ConfigError(f"{src}: stages[{last}] ({names[-1]}): the last stage must be a sink")
+    for i, (n, r) in enumerate(zip(names, roles)):
+        if 0 < i < last and r != "stage":
+            raise ConfigError(f"{src}: stages[{i}] ({n}): a {r} may only appear {'first' if r == 'source' else 'last'}")
+    available = {f.name for f in BASE_FIELDS} - set(FILLED_LATER)
     steps: list[StepPlan] = []
-    for spec in pipe.stages:
-        stage = pipe.build(spec.index)
-        for col in stage.requires:
+    for spec, stage, role in zip(pipe.stages, built, roles):
+        for col in stage.required_columns():
             if col not in available:
-                producers = [
-                    n for n in ("download", "clip_score", "balance", "rewrite", "basic_filter")
-                    if n != spec.name
-                ]
                 raise ConfigError(
                     f"{src}: stages[{spec.index}] ({spec.name}): requires column '{col}', which no earlier "
-                    f"stage produces — put a stage that produces it (e.g. {_producer_hint(col, producers)}) before it"
+                    f"stage produces — put a stage that produces it (e.g. {_producer_hint(col, spec.name)}) before it"
                 )
         produced = tuple(stage.output_columns())
-        if spec.name == "download" or spec.name == "read" and stage.reads_webdataset():
-            available |= set(FILLED_BY_DOWNLOAD)
-        available |= set(produced)
+        available |= set(produced) | set(stage.filled_columns())
         res = stage.resources()
-        kind = "read" if spec.name == "read" else "write" if spec.name == "write" else ("actor" if res.actor else "task")
+        if role != "stage":
+            kind = role
+        elif stage.dataset_hook() is not None:
+            kind = "hook"
+        else:
+            kind = "actor" if res.actor else "task"
         steps.append(
             StepPlan(
                 index=spec.index,
                 name=spec.name,
                 kind=kind,
                 is_global=stage.is_global,
-                requires=tuple(stage.requires),
+                requires=tuple(stage.required_columns()),
                 produces=produced,
                 resources={
                     "num_cpus": res.num_cpus,
@@ -79,19 +77,21 @@ def check(pipe: Pipeline) -> list[StepPlan]:
     return steps
 
 
-def _producer_hint(col: str, candidates: list[str]) -> str:
-    if col in FILLED_BY_DOWNLOAD:
-        return "'download'"
+def _producer_hint(col: str, asking: str) -> str:
+    """Built-in stages that produce or fill ``col`` (from their declarations)."""
     from pipeline import registry
 
-    for n in candidates:
+    found = []
+    for n in registry.names():
+        if n == asking:
+            continue
         try:
             cls = registry.get(n)
         except Exception:  # noqa: BLE001 - a hint only
             continue
-        if col in cls.produces:
-            return f"'{n}'"
-    return "a stage that produces it"
+        if col in cls.produces or col in getattr(cls, "fills", ()):
+            found.append(f"'{n}'")
+    return " or ".join(found) or "a stage that produces it"
 
 
 def describe(pipe: Pipeline, steps: list[StepPlan]) -> str:
@@ -104,10 +104,11 @@ def describe(pipe: Pipeline, steps: list[StepPlan]) -> str:
     for s in steps:
         r = s.resources
         how = {
-            "read": "driver splits the input into shards; Ray tasks load them",
-            "write": "Ray Datasink: one tar + parquet + stats per shard",
+            "source": "driver splits the input into shards; Ray tasks load them",
+            "sink": "Ray Datasink: one tar + parquet + stats per shard",
             "task": f"Ray tasks (num_cpus={r['num_cpus']})",
             "actor": f"actor pool (concurrency={r['concurrency']}, num_cpus={r['num_cpus']}, num_gpus={r['num_gpus']})",
+            "hook": f"dataset-level operation (ray.data.llm processor, concurrency={r['concurrency']})",
         }[s.kind]
         glob = "  [global: fit pass over the whole pool first]" if s.is_global else ""
         lines.append(f"   {s.index}. {s.name:<13} {how}{glob}")

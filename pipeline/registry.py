@@ -1,14 +1,14 @@
-"""Stage name (the key used in YAML) -> stage class.
+"""Stage name (the key used in YAML) -> class of a source, stage or sink.
 
 Classes are imported lazily, so validating a config does not import torch or open_clip for
-stages the pipeline does not use.
+stages the pipeline does not use. A stage that is not built in is named by its import path,
+``package.module:ClassName`` (the module must be importable on every Ray worker, e.g. from the
+working dir or an installed package); it needs no edit here or anywhere in ``pipeline/``.
 """
 
 from __future__ import annotations
 
 import importlib
-
-from stages.base import Stage
 
 STAGES: dict[str, str] = {
     "read": "stages.read:Read",
@@ -31,10 +31,16 @@ def names() -> list[str]:
     return sorted(STAGES)
 
 
-def get(name: str) -> type[Stage]:
+def get(name: str) -> type:
+    target = STAGES.get(name)
+    if target is None:
+        if ":" not in name:
+            raise UnknownStage(name)
+        target = name  # a plug-in stage named by its import path
+    module, _, cls = target.partition(":")
     try:
-        target = STAGES[name]
-    except KeyError:
-        raise UnknownStage(name) from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+        return getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        if target is name:
+            raise UnknownStage(f"{name} ({e})") from None
+        raise

@@ -28,17 +28,13 @@ class ProgressPrinter:
             print(f"[clipcurate {time.time() - self.t0:6.0f}s] " + " | ".join(parts), file=self.stream, flush=True)
 
 
-# Stages that handle every row (the source and the sink); the others process only the rows that enter as ok.
-ALL_ROW_STAGES = ("read", "write")
-
-
 def funnel_rows(manifest: dict) -> list[dict]:
     """The funnel, one row per stage in pipeline order (``config.stages``); the one computation behind
     the terminal summary and ``report.html``. Per stage:
 
     * ``in``: rows that entered it as ``ok`` (total rows minus the rows earlier stages rejected),
       ``rejected`` (status -> rows) and ``out`` (``ok`` rows after it);
-    * ``processed``: rows it processed: ``in``, or every row for read and write;
+    * ``processed``: rows it processed: ``in``, or every row for the source and the sink (first, last);
     * ``seconds``: its busy seconds in this run (``stage_seconds``), and ``rows_per_s``: processed rows
       per busy second. The executor's ``stage_rows`` count the rows a stage passed through in this run;
       on a resumed run that is a share of the total, and ``processed`` is scaled by that share.
@@ -49,10 +45,11 @@ def funnel_rows(manifest: dict) -> list[dict]:
     passed = manifest.get("stage_rows") or {}
     out = []
     remaining = total
-    for name in order:
-        rejected = {} if name == "read" else manifest["stage_status"].get(name, {})
+    for i, name in enumerate(order):
+        source, sink = i == 0, i == len(order) - 1
+        rejected = {} if source else manifest["stage_status"].get(name, {})
         n_rej = sum(rejected.values())
-        processed = total if name in ALL_ROW_STAGES else remaining
+        processed = total if source or sink else remaining
         s, n = secs.get(name), passed.get(name)
         rate = processed * min(1.0, n / total) / s if s and n and total else None
         out.append(
@@ -71,21 +68,12 @@ def funnel_rows(manifest: dict) -> list[dict]:
 
 
 def input_rows(manifest: dict) -> int | None:
-    """Rows the input list had (``input_rows``), or None when not counted before the run: WebDataset
-    tars are counted as they are read, and manifests before ``input_rows`` lack it."""
+    """Rows the input had (``input_rows``), or None when they were not counted before the run: a
+    source that counts its rows only as it reads them (WebDataset tars) records 0, and a 0-row input
+    cannot give rows out; manifests from before ``input_rows`` lack it."""
     n = manifest.get("input_rows")
-    if n is None:
+    if n is None or n == 0 and manifest.get("total_rows", 0) > 0:
         return None
-    if n == 0 and manifest.get("total_rows", 0) > 0:
-        read = next((s["read"] for s in manifest.get("config", {}).get("stages", []) if "read" in s), {})
-        paths = read.get("path") or []
-        paths = [paths] if isinstance(paths, str) else paths
-        fmt = read.get("input_format", "auto")
-        if fmt == "webdataset" or fmt == "auto" and not all(
-            p.lower().endswith((".parquet", ".csv", ".tsv", ".json", ".jsonl", ".txt", ".gz", ".bz2", ".zst", ".xz"))
-            for p in paths
-        ):
-            return None  # tars (or a folder of them): the input had no list to count
     return n
 
 
@@ -118,7 +106,7 @@ def print_summary(manifest: dict, report_path: str | None = None, file=None) -> 
         f"rows: {'?' if n_in is None else n_in} in, {n_out} out "
         f"({sc.get(OK, 0)} ok samples in {len(manifest['shards'])} shards)"
         + ("  [resumed]" if manifest.get("resumed") else "")
-        + ("  (WebDataset input: rows are counted as the tars are read)" if n_in is None else ""),
+        + ("  (WebDataset input: rows are counted as the tars are loaded)" if n_in is None else ""),
         markup=False,  # "[resumed]" is text, not a rich style tag
     )
     if n_in is not None and n_in != n_out:

@@ -109,7 +109,7 @@ class RunDir:
 
         A non-empty output made by a different config (or not by clipcurate) is refused unless
         ``overwrite``; so is a run whose input files changed since it split them (``fingerprint``:
-        the input's, from ``Read.fingerprint``; computed here when not given and needed)."""
+        the input's, from ``source_fingerprint``; computed here when not given and needed)."""
         cfg_path = _join(self.state_root, "config.json")
         h = pipe.config_hash()
         existing = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
@@ -130,13 +130,13 @@ class RunDir:
         fp_path = self.fingerprint_path()
         if self.fs.exists(_join(self.state_root, "input", "_plan.json")) and self.fs.exists(fp_path):
             if fingerprint is None:
-                fingerprint = pipe.build(0).fingerprint()
+                fingerprint = source_fingerprint(pipe.build(0))
             change = describe_change(self.read_json(fp_path).get("files", []), fingerprint)
             if change:
                 spec = pipe.stages[0]
                 raise InputChanged(
                     f"{pipe.source}: stages[{spec.index}] ({spec.name}): key 'path': the input changed since "
-                    f"the run in {self.url} read it ({change}); use --overwrite to start over, or another --output"
+                    f"the run in {self.url} started ({change}); use --overwrite to start over, or another --output"
                 )
         return True
 
@@ -187,7 +187,7 @@ class RunDir:
         if self.fs.exists(plan_path):
             p = self.read_json(plan_path)
             return InputPlan(p["counts"], p["shard_digits"], p["index_digits"], p["name_digits"])
-        self.write_json(self.fingerprint_path(), {"files": read_stage.fingerprint()})
+        self.write_json(self.fingerprint_path(), {"files": source_fingerprint(read_stage)})
         counts = read_stage.split(samples_per_shard, lambda i, t: self.write_parquet(self.input_path(i), t))
         sd, idd = key_digits(len(counts), samples_per_shard)
         plan = InputPlan(counts, sd, idd, max(5, len(str(max(len(counts) - 1, 0)))))
@@ -224,9 +224,16 @@ class RunDir:
         return out
 
 
+def source_fingerprint(source) -> list[dict]:
+    """The input files' fingerprint (path, size, version) of a source that offers one (``Read``);
+    [] for a source without files to fingerprint."""
+    fn = getattr(source, "fingerprint", None)
+    return fn() if callable(fn) else []
+
+
 def describe_change(old: list[dict], new: list[dict]) -> str | None:
     """How input fingerprint ``new`` differs from ``old`` (the first difference), or None."""
-    from stages.read import shown_path
+    from stages.read_inputs import shown_path
 
     before = {f["path"]: f for f in old}
     after = {f["path"]: f for f in new}

@@ -25,6 +25,23 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
 )
 BASE_SCHEMA = pa.schema(BASE_FIELDS)
 
+# Base columns that exist (possibly null) from the source on, but carry data only once a stage
+# that declares them in ``fills`` has run (the planner checks ``requires`` against that).
+FILLED_LATER: tuple[str, ...] = ("image", "width", "height", "original_width", "original_height", "sha256")
+
+# Internal: the output shard a row belongs to (set by the source, dropped by the sink).
+SHARD_COL = "_shard"
+# One input shard as the source loads it (what the executor hands ``Source.load``).
+SHARD_SPEC_SCHEMA = pa.schema(
+    [
+        ("shard", pa.int32()),
+        ("path", pa.string()),
+        ("rows", pa.int64()),
+        ("shard_digits", pa.int32()),
+        ("index_digits", pa.int32()),
+    ]
+)
+
 # Columns that stages may add. A stage's ``produces`` must name columns from this table
 # (or, for pass-through user columns such as ``save_additional_columns``, declare them at
 # run time through ``Stage.extra_produces``).

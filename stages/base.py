@@ -28,37 +28,103 @@ decide about a row. They add three methods:
 
 The executor computes the state with Ray before the apply pass and persists it as JSON in the
 run directory, so a resumed run reuses it.
+
+What a stage declares (the executor and the planner read only these; ``pipeline/`` never names a
+stage):
+
+* ``requires`` / ``required_columns()``: columns it reads (the latter adds config-dependent ones,
+  such as a ``bbox_col``); ``produces`` / ``output_columns()``: columns it adds; ``fills`` /
+  ``filled_columns()``: base columns (``schemas.row.FILLED_LATER``, e.g. ``image``) it fills with data.
+* ``resources()``: how it runs (a task or an actor pool, CPUs, GPUs, concurrency, batch size).
+* ``dataset_hook()``: where a row map is not enough, a Ray-free description of a dataset-level
+  operation (``ProcessorHook``: rows through a ``ray.data.llm`` processor) that ``pipeline/ray``
+  applies instead of the row map.
+* ``setup()`` / ``teardown()``: once per worker, before the first call and when the worker ends.
+
+Errors: a row that makes ``process`` raise becomes ``stage_error`` (its reason names the stage and
+the exception). An error that is not a row's fails the run with ``StageFailed``: ``setup()`` raising
+(a model that does not load), or every row of a micro-batch of two or more raising on its own (a
+wrong template, CUDA out of memory, a bug). ``max_error_fraction`` (every stage's config) bounds the
+share of rows that may end in ``stage_error`` before the run fails.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import OK, STAGE_FIELDS, Status, conform, field_type, null_heavy
 
 log = logging.getLogger(__name__)
 
 
-class StageConfig(BaseModel):
-    """Base of every stage's config. Unknown keys are errors."""
+DEFAULT_MAX_ERROR_FRACTION = 0.1
+
+
+class RoleConfig(BaseModel):
+    """Base of every config of a pipeline role (source, stage, sink). Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), ser_json_inf_nan="constants")
+
+
+class StageConfig(RoleConfig):
+    """Base of every stage's config."""
+
+    max_error_fraction: float = Field(
+        DEFAULT_MAX_ERROR_FRACTION,
+        ge=0.0,
+        le=1.0,
+        description="The run fails (exit 1, output kept for resume) when more than this share of the rows "
+        "that reached this stage end in `stage_error` (an exception on that row). 1.0 never fails.",
+    )
 
 
 class ComputeConfig(StageConfig):
     """Keys shared by stages that run as actor pools (model-bearing stages)."""
 
-    batch_size: int = 64  # rows per model call
-    concurrency: int = 1  # actors in the pool (each loads the model once)
-    num_cpus: float = 1.0  # CPUs reserved per actor (fractions allowed)
-    num_gpus: float = 0.0  # GPUs per actor; fractions share a GPU between actors (e.g. 0.5)
+    batch_size: int = Field(64, ge=1, description="Rows per `process` call (the stage's micro-batch).")
+    concurrency: int = Field(1, ge=1, description="Actors in the pool; each loads the model once.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor (fractions allowed).")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per actor; fractions share a GPU between actors (e.g. 0.5)."
+    )
+
+
+class StageFailed(RuntimeError):
+    """An error that is not a row's: the run fails, with this one-line message naming the stage."""
+
+    def __init__(self, stage: str, message: str):
+        self.stage, self.message = stage, message
+        super().__init__(f"stage {stage}: {message}")
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (type(self), (self.stage, self.message))
+
+
+@dataclass(frozen=True)
+class ProcessorHook:
+    """Run a stage's rows through a ``ray.data.llm`` processor instead of a row map (Ray-free).
+
+    ``pipeline/ray`` builds ``ray.data.llm.<config_class>(**config_kwargs, **secret_kwargs)`` and
+    ``build_processor(config, preprocess=..., postprocess=...)``, then runs: ``explode`` (table -> table,
+    ``map_batches``) -> the processor -> ``collect`` per group of rows sharing the shard column
+    (``map_groups``; it returns the group's rows in key order). Rows in == rows out.
+    """
+
+    config_class: str
+    config_kwargs: dict[str, Any]
+    preprocess: Callable[[dict], dict]
+    postprocess: Callable[[dict], dict]
+    explode: Callable[[pa.Table], pa.Table]
+    collect: Callable[[pa.Table], pa.Table]
+    secret_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)  # never logged or persisted
 
 
 @dataclass(frozen=True)
@@ -85,10 +151,9 @@ class Stage:
     Config: ClassVar[type[StageConfig]] = StageConfig
     requires: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
+    fills: ClassVar[tuple[str, ...]] = ()  # base columns (schemas.row.FILLED_LATER) this stage fills
     is_global: ClassVar[bool] = False
     fit_columns: ClassVar[tuple[str, ...]] = ()
-    # Stages that act on every row, not only ``ok`` ones (for example the writer).
-    sees_all_rows: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -118,6 +183,18 @@ class Stage:
     def resources(self) -> Resources:
         return Resources()
 
+    def required_columns(self) -> tuple[str, ...]:
+        """Columns this configured stage reads: ``requires`` plus config-dependent ones."""
+        return tuple(self.requires)
+
+    def filled_columns(self) -> tuple[str, ...]:
+        """Base columns this configured stage fills with data (``fills``)."""
+        return tuple(self.fills)
+
+    def dataset_hook(self) -> ProcessorHook | None:
+        """A dataset-level operation that replaces the row map (None: the row map)."""
+        return None
+
     def extra_produces(self) -> dict[str, pa.DataType]:
         """Columns this configured stage adds beyond ``produces`` (for example user columns
         kept by ``save_additional_columns``). Name -> Arrow type."""
@@ -142,8 +219,23 @@ class Stage:
 
     def _ensure_setup(self) -> None:
         if not self._setup_done:
-            self.setup()
+            try:
+                self.setup()
+            except StageFailed:
+                raise
+            except Exception as e:  # noqa: BLE001 - a setup failure is the run's, not a row's
+                raise StageFailed(self.name, f"setup failed: {_one_line(e)}") from e
             self._setup_done = True  # for stages without their own setup()
+
+    def teardown(self) -> None:
+        """Release what ``setup`` opened (sessions, pools). Called once when the worker ends."""
+
+    def __enter__(self):
+        self._ensure_setup()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.teardown()
 
     def process(self, batch: pa.Table) -> pa.Table:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -169,8 +261,6 @@ class Stage:
         out_cols = self.output_columns()
         if batch.num_rows == 0:
             return _add_missing(batch, out_cols)
-        if self.sees_all_rows:
-            return self._run_chunks(batch, out_cols)
         ok_mask = pc.equal(batch.column("status").combine_chunks(), OK).fill_null(False)
         n_ok = pc.sum(ok_mask.cast(pa.int64())).as_py() or 0
         if n_ok == batch.num_rows:
@@ -204,17 +294,27 @@ class Stage:
     def _safe_process(self, chunk: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
         try:
             out = self._finish(chunk, self.process(chunk), out_cols)
+        except StageFailed:
+            raise
         except Exception:
             if chunk.num_rows == 1:
                 return self._error_row(chunk, out_cols)
             log.warning("stage %s raised on a batch of %d rows; retrying row by row", self.name, chunk.num_rows)
-            rows = []
+            rows, failed, last = [], 0, None
             for i in range(chunk.num_rows):
                 one = chunk.slice(i, 1)
                 try:
                     rows.append(self._finish(one, self.process(one), out_cols))
-                except Exception:
+                except StageFailed:
+                    raise
+                except Exception as e:
+                    failed, last = failed + 1, e
                     rows.append(self._error_row(one, out_cols))
+            if failed == chunk.num_rows:
+                # Every row raises on its own: the stage is broken, not the rows.
+                raise StageFailed(
+                    self.name, f"every row of a batch of {failed} raised: {_one_line(last)}"
+                ) from last
             rows = [_align_columns(r, rows[0]) for r in rows]
             return pa.concat_tables(rows, promote_options="permissive")
         return out
@@ -241,6 +341,13 @@ class Stage:
 
 
 # ---- helpers shared by stages --------------------------------------------------------------
+
+
+def _one_line(e: BaseException | None) -> str:
+    if e is None:
+        return "unknown error"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}"[:300]
 
 
 def _add_missing(table: pa.Table, cols: dict[str, pa.DataType]) -> pa.Table:

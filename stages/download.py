@@ -698,6 +698,12 @@ class Download(Stage):
     Config = DownloadConfig
     requires = ("url",)
     produces = ("http_status",)
+    fills = ("image", "width", "height", "original_width", "original_height", "sha256")
+
+    def required_columns(self) -> tuple[str, ...]:
+        cfg = self.config
+        extra = [c for c in (cfg.bbox_col, cfg.verify_hash[0] if cfg.verify_hash else None) if c]
+        return (*self.requires, *extra)
     _extra_hash_columns: ClassVar[tuple[str, ...]] = ("md5", "sha512")
 
     def resources(self) -> Resources:

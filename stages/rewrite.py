@@ -68,7 +68,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
 from schemas import OK, conform
-from stages.base import ComputeConfig, Resources, Stage, replace_column
+from stages.base import ComputeConfig, ProcessorHook, Resources, Stage, replace_column
 from stages.read import SHARD_COL  # the executor gathers the Ray path's rows by shard
 
 log = logging.getLogger(__name__)
@@ -558,6 +558,17 @@ class Rewrite(Stage):
         if self.config.num_gpus > 1 and "tensor_parallel_size" not in kw:
             kw["tensor_parallel_size"] = int(self.config.num_gpus)
         return kw
+
+    def dataset_hook(self) -> ProcessorHook | None:
+        """Engines ``vllm`` and ``openai`` run as a ``ray.data.llm`` processor under Ray."""
+        if self.config.engine == "transformers":
+            return None
+        spec = self.llm_spec()
+        cls = "vLLMEngineProcessorConfig" if spec.kind == "vllm" else "HttpRequestProcessorConfig"
+        secret = {"headers": spec.headers or None} if spec.kind == "http" else {}
+        return ProcessorHook(
+            cls, spec.processor_kwargs, spec.preprocess, spec.postprocess, spec.explode, spec.collect, secret
+        )
 
     def llm_spec(self) -> LLMSpec:
         """The ``ray.data.llm`` description of this stage (engines ``vllm`` and ``openai``)."""

@@ -23,26 +23,28 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
 from schemas.manifest import ShardStats, shard_name
-from stages.base import Stage, StageConfig
+from schemas.row import SHARD_COL
+from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
-from stages.read import SHARD_COL
+from stages.roles import Sink, SinkContext
 
 DOWNLOAD_FAILURES = {Status.INVALID_URL, Status.BLOCKED_ADDRESS, Status.DOWNLOAD_FAILED, Status.OPTED_OUT}
 RESIZE_FAILURES = {Status.DECODE_FAILED, Status.FILTERED_SIZE}
 MAX_REASONS = 200  # distinct reasons kept per shard in _stats.json; the rest are summed
 
 
-class WriteConfig(StageConfig):
-    caption_member: Literal["original", "rewrite"] = "original"  # what KEY.txt holds
-    rewrite_members: bool = False  # also write each rewrite as KEY.rewrite0.txt, KEY.rewrite1.txt, ...
-    parquet_compression: str = "zstd"  # codec of the shard Parquet files
-    # Filled in by the executor (not for YAML): where and how to name shards.
-    output: str | None = None
-    name_digits: int = 5
-    expected_rows: dict[int, int] | None = None  # shard -> rows; a mismatch is an internal error
+class WriteConfig(RoleConfig):
+    caption_member: Literal["original", "rewrite"] = Field(
+        "original", description="What `KEY.txt` holds: the original caption, or the first rewrite."
+    )
+    rewrite_members: bool = Field(
+        False, description="Also write each rewrite as `KEY.rewrite0.txt`, `KEY.rewrite1.txt`, ..."
+    )
+    parquet_compression: str = Field("zstd", description="Codec of the shard Parquet files.")
 
 
 def image_ext(data: bytes) -> str:
@@ -65,36 +67,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class Write(Stage):
+class Write(Sink):
     name = "write"
     Config = WriteConfig
-    requires = ()
-    produces = ()
-    sees_all_rows = True
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        """Write every shard present in ``batch``; return one row of stats per shard written."""
-        if not self.config.output:
-            raise ValueError("write: no output set (the executor sets it from --output / 'output:')")
-        if SHARD_COL not in batch.column_names:
-            raise ValueError(f"write: rows lack the internal {SHARD_COL!r} column set by the read stage")
-        stats = []
-        shards = pc.unique(batch.column(SHARD_COL)).to_pylist()
-        for shard in sorted(shards):
-            rows = batch.filter(pc.equal(batch.column(SHARD_COL), shard))
-            stats.append(self.write_shard(int(shard), rows))
-        return pa.Table.from_pylist([{"shard": s["shard"], "stats": json.dumps(s)} for s in stats])
-
-    def write_shard(self, shard: int, rows: pa.Table) -> dict:
-        cfg = self.config
-        expected = (cfg.expected_rows or {}).get(shard)
+    def write_shard(self, shard: int, rows: pa.Table, ctx: SinkContext) -> dict:
+        expected = ctx.expected_rows.get(shard)
         if expected is not None and expected >= 0 and rows.num_rows != expected:
             raise RuntimeError(
                 f"internal error: shard {shard} arrived with {rows.num_rows} rows, expected {expected} "
                 f"(a shard was split across blocks; raise ray.target_max_block_size)"
             )
-        fs, root = fsspec.core.url_to_fs(cfg.output)
-        name = shard_name(shard, cfg.name_digits)
+        fs, root = fsspec.core.url_to_fs(ctx.output)
+        name = shard_name(shard, ctx.name_digits)
         base = f"{root.rstrip('/')}/{name}"
         rows = rows.drop_columns([SHARD_COL])
         tar_bytes = self._tar(rows)

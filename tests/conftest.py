@@ -21,6 +21,16 @@ DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
 DEMO_SEED = 0
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the shared Ray session (directly or through the demo run) are integration tests;
+    tests that start their own Ray (CLI subprocesses, clusters) carry the marker explicitly.
+    ``make test-fast`` runs the rest: ``pytest -m "not integration"``."""
+    ray_fixtures = {"ray_session", "cluster", "two_nodes", "s3"}
+    for item in items:
+        if ray_fixtures & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
     """(image bytes per key, caption per key) of the samples in output tars, read through fsspec
     filesystem ``fs`` (local or S3). A key found twice fails the calling test."""
@@ -51,7 +61,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session", autouse=False)
 def ray_session():
-    from pipeline import executor
+    from pipeline import ray as executor
 
     executor.ensure_local_ray(num_cpus=2)
     yield
@@ -80,11 +90,20 @@ def demo_urls(demo_world, demo_server) -> Path:
     return write_url_list(demo_world, demo_server)
 
 
-def demo_pipeline(urls: Path, output: Path, extra: list[str] | None = None):
+def demo_pipeline(urls: Path, output: Path, extra: list[str] | None = None, insert: dict | None = None):
+    """The demo workflow on ``urls``; ``insert`` maps a position to a stage entry put there
+    (e.g. ``{3: {"tests.plugins:KillOnce": {...}}}``)."""
+    import yaml
+
     from pipeline import config, plan
 
-    pipe = config.load(
-        REPO / "workflows" / "demo.yaml",
+    path = REPO / "workflows" / "demo.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for pos, entry in sorted((insert or {}).items(), reverse=True):
+        raw["stages"].insert(pos, entry)
+    pipe = config.from_dict(
+        raw,
+        source=str(path),
         overrides=[f"stages.read.path={urls}", "ray.show_progress=false", *(extra or [])],
         output=str(output),
     )
@@ -95,7 +114,7 @@ def demo_pipeline(urls: Path, output: Path, extra: list[str] | None = None):
 @pytest.fixture(scope="session")
 def demo_run(ray_session, demo_urls, tmp_path_factory):
     """The demo workflow run once on real local Ray: (output dir, manifest)."""
-    from pipeline import executor
+    from pipeline import ray as executor
 
     out = tmp_path_factory.mktemp("demo_out") / "output"
     manifest = executor.run(demo_pipeline(demo_urls, out))

@@ -12,7 +12,8 @@ from tests.conftest import REPO
 
 
 def _run(urls, out, batch_size: int, concurrency: int, samples_per_shard: int):
-    from pipeline import config, executor, plan
+    from pipeline import config, plan
+    from pipeline import ray as executor
 
     pipe = config.from_dict(
         {

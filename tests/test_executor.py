@@ -16,7 +16,7 @@ from tests.conftest import demo_pipeline
     ],
 )
 def test_unplaceable_actor_pools_fail_before_any_work(ray_session, demo_urls, tmp_path, override, words):
-    from pipeline import executor
+    from pipeline import ray as executor
 
     out = tmp_path / "out"
     with pytest.raises(ConfigError) as e:

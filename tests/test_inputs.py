@@ -229,7 +229,7 @@ def _tars(out: Path) -> dict[str, bytes]:
 
 
 def test_folder_of_parquet_equals_the_glob_and_a_changed_input_is_refused(ray_session, tmp_path):
-    from pipeline import executor
+    from pipeline import ray as executor
 
     folder = tmp_path / "pool"
     folder.mkdir()

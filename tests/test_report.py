@@ -104,7 +104,8 @@ def _parquet(out: Path) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def full_run(ray_session, demo_urls, tmp_path_factory):
     """The demo workflow plus clip_filter (top 80% of the pool) and balance (shapes metadata, t=20)."""
-    from pipeline import config, executor, plan
+    from pipeline import config, plan
+    from pipeline import ray as executor
 
     raw = yaml.safe_load((REPO / "workflows" / "demo.yaml").read_text())
     stages = []

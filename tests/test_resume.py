@@ -40,7 +40,7 @@ def _leftovers(out: Path) -> list[str]:
 def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
     """Kill the whole run (driver and its local Ray) with SIGKILL after some shards are complete and
     others are in flight, rerun it, and compare with a clean run into another folder."""
-    from pipeline import executor
+    from pipeline import ray as executor
 
     killed = tmp_path / "killed"
     cmd = [
@@ -85,7 +85,7 @@ def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
 
 
 def test_same_config_resume_is_a_noop_and_other_config_is_refused(ray_session, demo_run, demo_urls):
-    from pipeline import executor
+    from pipeline import ray as executor
     from pipeline.runs import OutputInUse
 
     out, first = demo_run
@@ -98,14 +98,14 @@ def test_same_config_resume_is_a_noop_and_other_config_is_refused(ray_session, d
     assert "different config" in str(e.value) and "--overwrite" in str(e.value)
 
 
-def test_killed_actor_loses_no_rows(ray_session, demo_urls, tmp_path, monkeypatch):
-    """A clip_score actor exits hard (os._exit) mid-batch, through the test-only kill switch; Ray
-    restarts it and retries the batch, and rows in == rows out."""
-    from pipeline import executor
+def test_killed_actor_loses_no_rows(ray_session, demo_urls, tmp_path):
+    """An actor exits hard (os._exit) mid-batch (``tests.plugins:KillOnce``, an actor stage plugged in
+    after clip_score); Ray restarts it and retries the batch, and rows in == rows out."""
+    from pipeline import ray as executor
 
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(executor.KILL_ENV, f"clip_score:{marker}")
-    m = executor.run(demo_pipeline(demo_urls, tmp_path / "out", [SMALL_SHARDS]))
+    kill = {"tests.plugins:KillOnce": {"marker": str(marker), "num_cpus": 0}}
+    m = executor.run(demo_pipeline(demo_urls, tmp_path / "out", [SMALL_SHARDS], insert={3: kill}))
     assert marker.exists(), "the actor was killed"
     rows = _rows(tmp_path / "out")
     n = pq.read_metadata(demo_urls).num_rows
@@ -138,7 +138,8 @@ def test_open_clip_training_reads_the_output(demo_run, tmp_path):
 
 def test_recuration_reproduces_scores(ray_session, demo_run, tmp_path):
     """Re-read our own output shards (input_format: webdataset) and re-run clip_score: same scores."""
-    from pipeline import config, executor, plan
+    from pipeline import config, plan
+    from pipeline import ray as executor
 
     out, _ = demo_run
     pipe = config.from_dict(

@@ -492,7 +492,7 @@ def test_ray_data_llm_end_to_end_with_the_http_processor(ray_session, world_tabl
     a spare replaces)."""
     import ray
 
-    from pipeline import executor
+    from pipeline.ray.hooks import apply_processor
 
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "test-key-1")
     table, pairs = world_table
@@ -505,7 +505,7 @@ def test_ray_data_llm_end_to_end_with_the_http_processor(ray_session, world_tabl
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        ds = executor.apply_llm(ray.data.from_arrow(small), stage.llm_spec())
+        ds = apply_processor(ray.data.from_arrow(small), stage.dataset_hook(), group_by="key")
         out = pa.Table.from_pylist(ds.take_all())
     finally:
         if started:

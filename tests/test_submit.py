@@ -128,7 +128,7 @@ def snapshot(out: Path) -> tuple[dict[str, str], dict[str, bytes], dict[str, str
 
 @pytest.fixture(scope="module")
 def local_out(ray_session, small_urls, tmp_path_factory):
-    from pipeline import executor
+    from pipeline import ray as executor
 
     out = tmp_path_factory.mktemp("submit_local") / "output"
     executor.run(demo_pipeline(small_urls, out, SETS))

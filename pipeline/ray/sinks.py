@@ -1,0 +1,53 @@
+"""Ray Datasinks: the final shards (through the pipeline's sink) and the spills before global stages."""
+
+from __future__ import annotations
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from pipeline.ray.workers import build
+from schemas.row import SHARD_COL
+from stages.io import atomic_write_bytes
+
+
+class ShardSink(Datasink):
+    """Writes final shards through the pipeline's ``Sink``; returns one stats dict per shard."""
+
+    def __init__(self, name: str, target: str, cfg_json: str, ctx):
+        self.name, self.target, self.cfg_json, self.ctx = name, target, cfg_json, ctx
+
+    def get_name(self) -> str:
+        return self.name
+
+    def write(self, blocks, ctx) -> list[dict]:
+        sink = build(self.target, self.cfg_json)
+        results = []
+        for block in blocks:
+            if block.num_rows:
+                results.extend(sink.write(block, self.ctx))
+        return results
+
+
+class SpillSink(Datasink):
+    """Writes the rows entering a global stage, one Parquet per shard (atomically)."""
+
+    def __init__(self, label: str, paths: dict[int, str]):
+        self.label, self.paths = label, paths
+
+    def get_name(self) -> str:
+        return self.label
+
+    def write(self, blocks, ctx) -> int:
+        n = 0
+        for block in blocks:
+            for shard in pc.unique(block.column(SHARD_COL)).to_pylist():
+                rows = block.filter(pc.equal(block.column(SHARD_COL), shard))
+                buf = pa.BufferOutputStream()
+                pq.write_table(rows, buf, compression="zstd")
+                fs, path = fsspec.core.url_to_fs(self.paths[shard])
+                atomic_write_bytes(fs, path, buf.getvalue().to_pybytes())
+                n += 1
+        return n

@@ -1,0 +1,189 @@
+"""What Ray runs for a source, a stage or a sink.
+
+Workers get small constructor arguments only (the entry's name in the registry, its config as
+JSON, the URL of its fitted state), so an actor that dies is restarted from them, and they build
+the stage themselves: no stage object or state travels through the object store. Each operator is
+named after its stage (``MapBatches(download)``), which is what progress bars and the dashboard show.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import time
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import ray
+
+from pipeline import registry
+
+
+def _resolve(target: str) -> type:
+    return registry.get(target)
+
+
+# ---- per-process cache of built stages ---------------------------------------------------------------
+
+_CACHE: dict[tuple, Any] = {}
+_ATEXIT = False
+
+
+def _teardown_all() -> None:
+    for stage in list(_CACHE.values()):
+        try:
+            stage.teardown()
+        except Exception:  # noqa: BLE001 - the process is ending
+            pass
+    _CACHE.clear()
+
+
+def build(target: str, cfg_json: str, state_url: str | None = None, setup: bool = True):
+    """The entry ``target`` (registry name or import path) with config ``cfg_json`` and the fitted
+    state at ``state_url``, built and set up once per worker process."""
+    global _ATEXIT
+    key = (target, cfg_json, state_url, setup)
+    stage = _CACHE.get(key)
+    if stage is None:
+        cls = _resolve(target)
+        stage = cls(cls.Config.model_validate_json(cfg_json))
+        if state_url is not None:
+            with fsspec.open(state_url, "rb") as f:
+                stage.load_state(json.loads(f.read()))
+        if setup:
+            stage._ensure_setup()
+        _CACHE[key] = stage
+        if not _ATEXIT:
+            atexit.register(_teardown_all)
+            _ATEXIT = True
+    return stage
+
+
+# ---- progress counters ---------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class Counter:
+    """Per-stage row counters, seconds and status counts, reported by every worker after each block."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.status: dict[str, dict[str, int]] = {}
+
+    def report(self, stage: str, rows: int, seconds: float, rejected: dict[str, int]) -> None:
+        self.rows[stage] = self.rows.get(stage, 0) + rows
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        d = self.status.setdefault(stage, {})
+        for k, v in rejected.items():
+            d[k] = d.get(k, 0) + v
+
+    def snapshot(self) -> dict:
+        return {"rows": dict(self.rows), "seconds": dict(self.seconds), "status": {k: dict(v) for k, v in self.status.items()}}
+
+
+def rejected_by(table: pa.Table, stage: str) -> dict[str, int]:
+    import pyarrow.compute as pc
+
+    if "rejected_by" not in table.column_names:
+        return {}
+    mask = pc.equal(table.column("rejected_by"), stage).fill_null(False)
+    if not pc.any(mask).as_py():
+        return {}
+    vc = pc.value_counts(pc.filter(table.column("status"), mask))
+    return {d["values"]: d["counts"] for d in vc.to_pylist()}
+
+
+def run_stage(stage, name: str, batch: pa.Table, counter) -> pa.Table:
+    t0 = time.perf_counter()
+    out = stage(batch)
+    if counter is not None:
+        counter.report.remote(name, out.num_rows, time.perf_counter() - t0, rejected_by(out, name))
+    return out
+
+
+# ---- stage operators ---------------------------------------------------------------------------
+
+
+class StageActor:
+    """One actor of a stage's pool (subclassed per stage, so Ray names the operator after it)."""
+
+    def __init__(self, name: str, target: str, cfg_json: str, state_url: str | None, counter):
+        self.name, self.counter = name, counter
+        self.stage = build(target, cfg_json, state_url)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return run_stage(self.stage, self.name, batch, self.counter)
+
+    def __del__(self):
+        stage = getattr(self, "stage", None)
+        if stage is not None:
+            try:
+                stage.teardown()
+            except Exception:  # noqa: BLE001 - the actor is going away
+                pass
+
+
+def actor_class(name: str) -> type:
+    """A ``StageActor`` subclass named after the stage (the operator's name in Ray Data)."""
+    return type(_label(name), (StageActor,), {"__module__": __name__})
+
+
+def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter):
+    def fn(batch: pa.Table) -> pa.Table:
+        return run_stage(build(target, cfg_json, state_url), name, batch, counter)
+
+    fn.__name__ = fn.__qualname__ = _label(name)
+    return fn
+
+
+def source_fn(name: str, target: str, cfg_json: str, counter):
+    def fn(specs: pa.Table) -> pa.Table:
+        src = build(target, cfg_json)
+        t0 = time.perf_counter()
+        out = src.load_specs(specs)
+        if counter is not None:
+            counter.report.remote(name, out.num_rows, time.perf_counter() - t0, {})
+        return out
+
+    fn.__name__ = fn.__qualname__ = _label(name)
+    return fn
+
+
+def spill_load_fn(label: str, paths: dict[int, str], columns: list[str] | None):
+    def fn(specs: pa.Table) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        out = []
+        for shard in specs.column("shard").to_pylist():
+            with fsspec.open(paths[shard], "rb") as f:
+                out.append(pq.read_table(f, columns=columns))
+        return pa.concat_tables(out, promote_options="permissive")
+
+    fn.__name__ = fn.__qualname__ = _label(label)
+    return fn
+
+
+class FitPartial:
+    """``fit_partial`` of a global stage over one block; the pickled partial comes back as one row.
+    As an actor it builds the stage once; as a plain callable (task) it uses the per-process cache."""
+
+    def __init__(self, target: str, cfg_json: str, setup: bool = True):
+        self.target, self.cfg_json = target, cfg_json
+        self.stage = build(target, cfg_json) if setup else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pickle
+
+        stage = self.stage or build(self.target, self.cfg_json)
+        return pa.table({"p": pa.array([pickle.dumps(stage.fit_partial(batch))], pa.binary())})
+
+
+def fit_class(name: str) -> type:
+    return type(_label(f"fit_{name}"), (FitPartial,), {"__module__": __name__})
+
+
+def _label(name: str) -> str:
+    """An operator label from a stage name (plug-in names are import paths)."""
+    return name.rsplit(":", 1)[-1] if ":" in name else name
