@@ -4,7 +4,7 @@
 
 The reference (facebookresearch/MetaCLIP ``metaclip1/substr_matching_ahocorasick.py``) spaces each
 text in Python and runs ``automaton.iter`` over it with pyahocorasick, collecting a set of entry
-ids per text. Ours (``stages.balance.Matcher``) spaces the whole Arrow column with
+ids per text. Ours (``stages.metaclip_match.Matcher``) spaces the whole Arrow column with
 pyarrow.compute and runs one ahocorasick_rs pass per batch. Both get the same captions (the real
 alt-texts of ../shared/data/alt_texts_8k.parquet, repeated ``--copies`` times) and the same
 metadata (default: the offline WordNet + wordfreq build, >= 100k entries). The outputs are
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from stages import metadata as md  # noqa: E402
-from stages.balance import Matcher, reference_automaton, reference_match  # noqa: E402
+from stages.metaclip_match import Matcher, reference_automaton, reference_match  # noqa: E402
 from tests.shared_data import shared_data_dir  # noqa: E402
 
 

@@ -1,6 +1,8 @@
-"""Generate the README's stage reference from the stage classes: every config key with its default
-and its ``Field(description=...)``, else the comment beside it in the source. ``python -m
-pipeline.docs`` prints it; ``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
+"""Generate the README's stage reference from the pydantic schema: every config key of the top level
+and of each stage, with its default and its ``Field(description=...)`` (else the comment beside it in
+the source); a tagged union (a key with ``Field(discriminator=...)``) gets one sub-table per member;
+keys that name local paths are marked (resolved by ``pipeline.paths``). ``python -m pipeline.docs`` prints it;
+``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
 ``tests/test_docs.py`` checks that README.md is up to date."""
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import re
 import sys
 import tokenize
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel
 
 from pipeline import registry
+from stages.base import PATH_MARK
 
 BEGIN = "<!-- BEGIN STAGE REFERENCE (python -m pipeline.docs --write) -->"
 END = "<!-- END STAGE REFERENCE -->"
@@ -62,10 +66,58 @@ def _default(field) -> str:
     return f"`{d!r}`".replace("'", '"') if not isinstance(d, bool) else f"`{str(d).lower()}`"
 
 
-def stage_reference() -> str:
-    from stages.write import WriteConfig
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
 
-    internal = {n for n in ("output", "name_digits", "expected_rows") if n in WriteConfig.model_fields}
+
+def _rows(model: type[BaseModel], skip: set[str] = frozenset()) -> list[str]:
+    """One table row per key of ``model``: its description (else the comment beside it in the source)."""
+    comments = _comments(model)
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for key, field in model.model_fields.items():
+        if key in skip:
+            continue
+        text = field.description or comments.get(key, "")
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get(PATH_MARK):
+            text += " *(path: resolved against the workflow's folder, then the working directory)*"
+        rows.append(f"| `{key}` | {_default(field)} | {_cell(text)} |")
+    return rows
+
+
+def _top_level() -> list[str]:
+    from pipeline.config import PipelineConfig, RayConfig, ReportConfig
+
+    parts = ["#### Top level", "", *_rows(PipelineConfig), ""]
+    parts += ["#### `ray:`", "", *_rows(RayConfig), ""]
+    parts += ["#### `report:`", "", *_rows(ReportConfig), ""]
+    return parts
+
+
+def _union_members(field) -> tuple[str, list[type[BaseModel]]] | None:
+    """``(discriminator, member models)`` of a tagged-union field, else None."""
+    disc = field.discriminator
+    if not isinstance(disc, str):
+        return None
+    members = [a for a in get_args(field.annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return (disc, members) if members else None
+
+
+def _union_tables(key: str, field) -> list[str]:
+    """One sub-table per member of a tagged union (``key: {disc: TAG, ...}``)."""
+    union = _union_members(field)
+    if union is None:
+        return []
+    disc, members = union
+    parts = []
+    for m in members:
+        tag = ", ".join(str(v) for v in get_args(m.model_fields[disc].annotation))
+        text = _cell(m.model_fields[disc].description or (m.__doc__ or "").strip().split("\n\n")[0])
+        parts += ["", f"`{key}: {{{disc}: {tag}, ...}}` — {text}", "", *_rows(m, skip={disc})]
+    return parts
+
+
+def stage_reference() -> str:
     parts = []
     for name in registry.names():
         cls = registry.get(name)
@@ -77,15 +129,12 @@ def stage_reference() -> str:
             parts.append(f"Requires: {', '.join(f'`{c}`' for c in cls.requires)}. ")
         if cls.produces:
             parts.append(f"Adds: {', '.join(f'`{c}`' for c in cls.produces)}.")
-        parts.append("\n\n| key | default | meaning |\n|---|---|---|")
-        comments = _comments(cls.Config)
-        for key, field in cls.Config.model_fields.items():
-            if name == "write" and key in internal:
-                continue
-            text = (field.description or comments.get(key, "")).replace("|", "\\|")
-            parts.append(f"| `{key}` | {_default(field)} | {text} |")
         parts.append("")
-    return "\n".join(parts).strip() + "\n"
+        parts += _rows(cls.Config)
+        for key, field in cls.Config.model_fields.items():
+            parts += _union_tables(key, field)
+        parts.append("")
+    return "\n".join([*_top_level(), *parts]).strip() + "\n"
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas import Status
-from schemas.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from schemas.manifest import MANIFEST_NAME, TAR_SUFFIX, Manifest, ShardEntry, shard_files
 from stages.base import StageFailed
 
 
@@ -36,8 +36,8 @@ def shard_pattern(url: str, names: list[str]) -> str:
     """open_clip's ``--train-data`` brace pattern for the tars of ``names``."""
     root = url.rstrip("/")
     if len(names) > 1:
-        return f"{root}/{{{names[0]}..{names[-1]}}}.tar"
-    return f"{root}/{names[0]}.tar" if names else ""
+        return f"{root}/{{{names[0]}..{names[-1]}}}{TAR_SUFFIX}"
+    return f"{root}/{shard_files(names[0])[0]}" if names else ""
 
 
 def stage_errors(stage_names: list[str], stage_status: dict[str, dict[str, int]], total: int) -> dict[str, dict]:

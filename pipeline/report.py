@@ -125,6 +125,6 @@ def print_summary(manifest: dict, report_path: str | None = None, file=None) -> 
 
 
 def build_html(output: str) -> str:
-    from pipeline.report_html import build
+    from pipeline.html import build
 
     return build(output)

@@ -17,6 +17,31 @@ def shard_name(shard_id: int, digits: int = 5) -> str:
     return f"{shard_id:0{digits}d}"
 
 
+# The files of one output shard NAME: NAME.tar, NAME.parquet, NAME_stats.json (written last: it
+# marks the shard complete).
+TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX = ".tar", ".parquet", "_stats.json"
+SHARD_SUFFIXES = (TAR_SUFFIX, PARQUET_SUFFIX, STATS_SUFFIX)
+
+
+def shard_files(name: str) -> tuple[str, str, str]:
+    """The file names (tar, parquet, stats) of shard ``name`` (``shard_name(...)``)."""
+    return tuple(f"{name}{suffix}" for suffix in SHARD_SUFFIXES)
+
+
+def shard_of(base: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> str | None:
+    """The shard name of a file name ``base`` (``00012.tar`` -> ``00012``) when it is one of the
+    shard files with one of ``suffixes``, else None."""
+    for suffix in suffixes:
+        if base.endswith(suffix) and base[: -len(suffix)].isdigit():
+            return base[: -len(suffix)]
+    return None
+
+
+def shard_complete(name: str, file_names: set[str] | frozenset[str]) -> bool:
+    """Whether the three files of shard ``name`` are among ``file_names`` (base names)."""
+    return set(shard_files(name)) <= set(file_names)
+
+
 class ShardStats(BaseModel):
     """``NNNNN_stats.json`` — img2dataset's per-shard stats, plus per-stage funnels."""
 

@@ -62,6 +62,13 @@ STAGE_FIELDS: dict[str, pa.DataType] = {
     "rewrite_reason": pa.string(),
 }
 
+# Columns by role, for readers that must not know which stage adds them (the HTML report):
+# per-row scores (a histogram each, thresholds from the stages that require or produce them),
+# per-row lists of matched entry ids (counts after balancing), and the rewritten captions.
+IMAGE_COLUMN = "image"
+SCORE_COLUMNS: tuple[str, ...] = ("clip_score",)
+REWRITES_COLUMN = "caption_rewrites"
+
 # Columns nulled when a row is rejected (they are the expensive ones to carry around).
 HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
 # Columns that never go in a sample's ``.json`` inside the tar.

@@ -67,6 +67,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ERROR_FRACTION = 0.1
 
+# A config key that names a local file or folder carries ``json_schema_extra={"path": ...}``
+# (``path_field``). Config loading (``pipeline.paths``) resolves its relative values against the
+# workflow file's folder, then the working directory; stages read the value as given.
+PATH_MARK = "path"
+PATH_ANY = "any"  # a plain value is a path when it exists (``local-dir:`` resolved, ``hf-hub:``/URLs kept)
+PATH_PREFIXED = "local-dir"  # only ``local-dir:PATH`` values are paths (plain values are model names)
+
+
+def path_field(default: Any = ..., *, description: str, prefixed: bool = False, **kwargs: Any) -> Any:
+    """``Field(...)`` of a config key that names a local path (see ``PATH_MARK``)."""
+    extra = {PATH_MARK: PATH_PREFIXED if prefixed else PATH_ANY}
+    return Field(default, description=description, json_schema_extra=extra, **kwargs)
+
 
 class RoleConfig(BaseModel):
     """Base of every config of a pipeline role (source, stage, sink). Unknown keys are errors."""

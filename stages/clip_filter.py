@@ -39,8 +39,11 @@ from stages.base import Stage, StageConfig, set_status
 
 
 class ClipFilterConfig(StageConfig):
-    top_fraction: float | None = Field(None, gt=0, le=1)  # keep this top share of the pool (DataComp rule)
-    min_score: float | None = None  # absolute threshold: keep clip_score >= min_score
+    top_fraction: float | None = Field(
+        None, gt=0, le=1, description="Keep this top share of the pool (DataComp's rule: keep score >= "
+        "the score at index `int(N * top_fraction)` of the descending sort)."
+    )
+    min_score: float | None = Field(None, description="Absolute threshold: keep `clip_score >= min_score`.")
 
     @model_validator(mode="after")
     def _one(self):

@@ -6,11 +6,11 @@ Models, all through open_clip's own factory (its transform and tokenizer, trunca
   tag (or ``pretrained: /path/to/checkpoint.pt``);
 * ``model: hf-hub:ORG/NAME`` — a Hugging Face Hub model;
 * ``model: local-dir:PATH`` — a folder with ``open_clip_config.json`` and weights (the demo's toy CLIP);
-* ``model_config: PATH.json`` + ``pretrained: CHECKPOINT`` — a custom architecture file.
+* ``model_config_path: PATH.json`` + ``pretrained: CHECKPOINT`` — a custom architecture file.
 
 Compute: the device is chosen automatically (``cuda`` if available). On GPU the forward runs under
 bf16 autocast (``precision``), and images are decoded and preprocessed on a CPU thread pool one
-micro-batch ahead of the model, so the GPU is not starved; ``decode: tensor`` instead decodes
+forward batch (``forward_batch_size``) ahead of the model, so the GPU is not starved; ``decode: tensor`` instead decodes
 JPEGs with ``torchvision.io.decode_jpeg`` on the model's device and resizes there. On CPU it runs
 in fp32 with open_clip's own PIL transform, which makes scores equal to a plain open_clip forward.
 
@@ -28,30 +28,42 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from schemas import Status
-from stages.base import ComputeConfig, Resources, Stage, replace_column, set_status
+from stages.base import ComputeConfig, Resources, Stage, path_field, replace_column, set_status
 
 log = logging.getLogger(__name__)
 
 
 class ClipScoreConfig(ComputeConfig):
-    model: str  # open_clip name (ViT-B-32), hf-hub:ID, or local-dir:PATH
-    pretrained: str | None = None  # pretrained tag or checkpoint path
-    model_config_path: str | None = None  # a custom open_clip model config (json); pretrained = checkpoint
-    batch_size: int = 256  # images per forward pass
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the worker has a GPU
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    decode: Literal["pil", "tensor"] = "pil"  # pil: the model's own transform on CPU threads
-    decode_threads: int = 4  # CPU threads decoding/preprocessing ahead of the model
-    min_score: float | None = None  # reject rows whose score is below this
-    embeddings: bool = False  # also output image_embedding / text_embedding (float16)
+    model: str = path_field(
+        description="open_clip model: an architecture name (`ViT-B-32`), `hf-hub:ORG/NAME`, or "
+        "`local-dir:PATH` (a folder with `open_clip_config.json` and weights).",
+        prefixed=True,
+    )
+    pretrained: str | None = path_field(None, description="Pretrained tag (`datacomp_xl_s13b_b90k`) or checkpoint path.")
+    model_config_path: str | None = path_field(
+        None, description="A custom open_clip model config (JSON); `pretrained` is then the checkpoint path."
+    )
+    batch_size: int = Field(
+        2048, ge=1, description="Rows per `process` call; the rows are scored in forward batches of `forward_batch_size`, "
+        "the next one decoded while the model runs the current one."
+    )
+    forward_batch_size: int = Field(256, ge=1, description="Images per model forward pass.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the worker has a GPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
+    )
+    decode: Literal["pil", "tensor"] = Field(
+        "pil", description="pil: the model's own transform on CPU threads; tensor: torchvision JPEG decode on the model's device."
+    )
+    decode_threads: int = Field(4, description="CPU threads decoding/preprocessing ahead of the model.")
+    min_score: float | None = Field(None, description="Reject rows whose score is below this (`filtered_clip`).")
+    embeddings: bool = Field(False, description="Also output `image_embedding` / `text_embedding` (float16).")
 
     @model_validator(mode="after")
     def _check(self):
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
         if self.model_config_path and not self.pretrained:
             raise ValueError("model_config_path needs 'pretrained' (the checkpoint path)")
         return self
@@ -79,12 +91,6 @@ class ClipScore(Stage):
     def model_info(self) -> dict:
         c = self.config
         return {"model": c.model, "pretrained": c.pretrained, "model_config_path": c.model_config_path}
-
-    @property
-    def batch_size(self) -> int:
-        # The base class hands ``process`` up to this many rows; ``process`` pipelines them in
-        # forward batches of ``config.batch_size``.
-        return self.config.batch_size * 8
 
     # ---- setup --------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -168,14 +174,15 @@ class ClipScore(Stage):
         errors: list[str | None] = [None] * n
         img_emb: list = [None] * n
         txt_emb: list = [None] * n
-        starts = list(range(0, n, c.batch_size))
+        fb = c.forward_batch_size
+        starts = list(range(0, n, fb))
         # Prepare batch i+1 on the thread pool while the model runs batch i.
-        pending = self._pool.submit(self._prepare, images[0 : c.batch_size]) if starts else None
+        pending = self._pool.submit(self._prepare, images[0:fb]) if starts else None
         for j, s in enumerate(starts):
             x, errs = pending.result()
             if j + 1 < len(starts):
                 nxt = starts[j + 1]
-                pending = self._pool.submit(self._prepare, images[nxt : nxt + c.batch_size])
+                pending = self._pool.submit(self._prepare, images[nxt : nxt + fb])
             idx = [s + i for i, e in enumerate(errs) if e is None]
             for i, e in enumerate(errs):
                 if e is not None:

@@ -37,8 +37,12 @@ from stages.base import Stage, StageConfig, set_status
 
 
 class DedupConfig(StageConfig):
-    by: list[Literal["url", "sha256"]] = ["url", "sha256"]  # fields to dedup on, checked in this order
-    hash_bytes: int = Field(8, ge=4, le=32)  # BLAKE2b digest bytes kept per value (state size vs collisions)
+    by: list[Literal["url", "sha256"]] = Field(
+        ["url", "sha256"], description="Fields to dedup on, checked in this order (`sha256` needs `download` before)."
+    )
+    hash_bytes: int = Field(
+        8, ge=4, le=32, description="BLAKE2b digest bytes kept per value (state size vs collisions)."
+    )
 
     @field_validator("by")
     @classmethod
@@ -65,6 +69,11 @@ class Dedup(Stage):
     is_global = True
 
     fit_columns = ("url", "sha256")
+
+    def required_columns(self) -> tuple[str, ...]:
+        # The fields deduped on: ``sha256`` is filled by the download, so the plan rejects a dedup
+        # on it placed before the download (it would find no duplicates).
+        return (*self.requires, *self.config.by)
 
     def _hash(self, value: str) -> str:
         return hashlib.blake2b(

@@ -42,7 +42,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from schemas import Status
-from stages.base import Stage, StageConfig, replace_column, set_status
+from stages.base import Stage, StageConfig, path_field, replace_column, set_status
 
 # py3langid >= 0.3 ships a model of 140 labels; the extra ones (pcm, bcl, lb, sn, zxx...) claim
 # many short English title-case captions (on 8k LAION alt-texts: 69% "en" with all labels, 85% with
@@ -55,18 +55,32 @@ PY3LANGID_CORE = (
 
 
 class BasicFilterConfig(StageConfig):
-    english: bool = True  # reject captions whose detected language is not "en"
-    # "py3langid" (offline model inside the package) or a path to a fastText lid.176.bin / .ftz
-    lang_id: str | None = "py3langid"
-    # py3langid only: candidate languages; null = PY3LANGID_CORE (97 codes), "all" = every label
-    lang_candidates: list[str] | Literal["all"] | None = None
-    # lowercase the caption before language ID; null = yes for py3langid, no for fastText (as DataComp)
-    lang_lowercase: bool | None = None
+    english: bool = Field(True, description='Reject captions whose detected language is not "en".')
+    lang_id: str | None = path_field(
+        "py3langid",
+        description="Language ID model: `py3langid` (the offline model inside the package) or the path of a "
+        "fastText `lid.176.bin` / `.ftz`; null: no language ID (`language` stays null).",
+    )
+    lang_candidates: list[str] | Literal["all"] | None = Field(
+        None, description="py3langid only: candidate languages; null: `PY3LANGID_CORE` (97 codes), `all`: every label."
+    )
+    lang_lowercase: bool | None = Field(
+        None, description="Lowercase the caption before language ID; null: yes for py3langid, no for fastText "
+        "(as DataComp)."
+    )
     # The four rules below: null switches a rule off.
-    min_words: int | None = Field(3, ge=1)  # caption needs >= this many words, split() (DataComp: > 2)
-    min_chars: int | None = Field(6, ge=1)  # caption needs >= this many characters (DataComp: > 5)
-    min_image_side: int | None = Field(200, ge=1)  # shorter original side >= this (DataComp: 200)
-    max_aspect_ratio: float | None = Field(3.0, ge=1)  # longer / shorter side <= this (DataComp: 3.0)
+    min_words: int | None = Field(
+        3, ge=1, description="Caption needs >= this many words, `split()` (DataComp: > 2); null: rule off."
+    )
+    min_chars: int | None = Field(
+        6, ge=1, description="Caption needs >= this many characters (DataComp: > 5); null: rule off."
+    )
+    min_image_side: int | None = Field(
+        200, ge=1, description="Shorter original image side >= this (DataComp: 200); null: rule off."
+    )
+    max_aspect_ratio: float | None = Field(
+        3.0, ge=1, description="Longer / shorter side <= this (DataComp: 3.0); null: rule off."
+    )
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,4 +1,5 @@
 """Atomic writes to any fsspec filesystem: write ``NAME.tmp-XXXX`` in the same folder, then rename.
+And the one protocol-to-URL rule (``url_of``): local paths as they are, others ``PROTOCOL://path``.
 
 A reader never sees a partial file. A killed writer leaves only ``*.tmp-*`` files, which the next
 run of the same output removes (``pipeline.runs.RunDir.remove_tmp``).
@@ -18,3 +19,18 @@ def atomic_write_bytes(fs, path: str, data: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+def protocol_of(fs) -> str:
+    """The main protocol of an fsspec filesystem (``file``, ``s3``, ``memory`` ...)."""
+    return fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+
+
+def is_local(fs) -> bool:
+    return protocol_of(fs) in ("file", "local")
+
+
+def url_of(fs, path: str) -> str:
+    """A fully qualified URL of ``path`` on ``fs`` that any worker can open: local paths as they are,
+    others as ``PROTOCOL://path``."""
+    return path if is_local(fs) else f"{protocol_of(fs)}://{path}"

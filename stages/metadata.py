@@ -1,6 +1,7 @@
 """MetaCLIP metadata: the list of entry strings that captions are matched against.
 
-The id of an entry is its position in the list. Three sources:
+The id of an entry is its position in the list. Two sources here (the shapes demo builds its own,
+``demo/metadata.py``):
 
 * ``load(path)``: MetaCLIP's released ``metadata.json`` (a JSON list of strings), or a plain text
   file with one entry per line (``.txt``; trailing newlines stripped, nothing else).
@@ -10,8 +11,6 @@ The id of an entry is its position in the list. Three sources:
   English unigrams (the ``wordfreq`` package stands in for the Wikipedia unigram counts). Empty
   entries and single punctuation characters are left out, as in the reference. CLI:
   ``python -m stages.metadata build OUT.json [--unigrams 100000]``.
-* ``shapes_metadata()``: the demo metadata for the shapes world (``demo/world.py``), committed as
-  ``demo/assets/shapes_metadata.json``.
 
 The reference builds a ``set`` and dumps it, so its entry order is arbitrary; ours is
 deterministic (first occurrence wins, in the order of the sources above).
@@ -29,25 +28,14 @@ from pathlib import Path
 
 WORDNET_DIR = Path("/usr/share/wordnet")
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHAPES_METADATA = REPO_ROOT / "demo" / "assets" / "shapes_metadata.json"
 
 _SYNTACTIC_MARKER = re.compile(r"\((?:a|p|ip)\)$")  # adjective markers in WordNet's data.adj
 
 
-def resolve(path: str | Path) -> Path:
-    """``path`` as given if it exists, else relative to the repository root (so a workflow may
-    name ``demo/assets/shapes_metadata.json`` from any working directory)."""
-    p = Path(path).expanduser()
-    if p.exists() or p.is_absolute():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
-
 def load(path: str | Path) -> list[str]:
-    """Entries of a metadata file: a JSON list of strings, or one entry per line (``.txt``)."""
-    p = resolve(path)
+    """Entries of a metadata file: a JSON list of strings, or one entry per line (``.txt``).
+    A relative ``path`` is relative to the working directory (workflow loading resolves it first)."""
+    p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
     text = p.read_text(encoding="utf-8")
@@ -122,21 +110,6 @@ def build(unigrams: int = 100_000, wordnet_dir: Path = WORDNET_DIR) -> list[str]
     return unique_entries([numbers, wordnet_synset_names(wordnet_dir), frequent_unigrams(unigrams)])
 
 
-def shapes_metadata() -> list[str]:
-    """Metadata for the shapes world: colours, shapes, every colour+shape combination ("red
-    circle"), background colours, size words and the generic nouns of the caption templates
-    ("photo", "background", ...). Function words ("a", "of") are left out so that the demo's
-    balancing acts on the concepts."""
-    from demo import world
-
-    colours = list(world.COLOURS)
-    shapes = list(world.SHAPES)
-    combos = [f"{c} {s}" for c in colours for s in shapes]
-    backgrounds = list(world.BACKGROUNDS)
-    generic = ["small", "large", "photo", "image", "drawing", "picture", "background", "plain"]
-    return unique_entries([colours, shapes, combos, backgrounds, generic])
-
-
 def save(entries: list[str], path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -150,10 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("build", help="build a MetaCLIP-style metadata from WordNet + wordfreq")
     b.add_argument("out")
     b.add_argument("--unigrams", type=int, default=100_000, help="how many frequent unigrams to add")
-    s = sub.add_parser("shapes", help="write the shapes-world demo metadata")
-    s.add_argument("out", nargs="?", default=str(SHAPES_METADATA))
     args = ap.parse_args(argv)
-    entries = build(args.unigrams) if args.cmd == "build" else shapes_metadata()
+    entries = build(args.unigrams)
     print(f"{save(entries, args.out)}: {len(entries)} entries")
 
 

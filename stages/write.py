@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
-from schemas.manifest import ShardStats, shard_name
+from schemas.manifest import ShardStats, shard_files, shard_name
+from schemas.members import add_member, image_ext
 from schemas.row import SHARD_COL
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
@@ -47,26 +48,6 @@ class WriteConfig(RoleConfig):
     parquet_compression: str = Field("zstd", description="Codec of the shard Parquet files.")
 
 
-def image_ext(data: bytes) -> str:
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "img"
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 class Write(Sink):
     name = "write"
     Config = WriteConfig
@@ -80,14 +61,14 @@ class Write(Sink):
             )
         fs, root = fsspec.core.url_to_fs(ctx.output)
         name = shard_name(shard, ctx.name_digits)
-        base = f"{root.rstrip('/')}/{name}"
+        tar_path, pq_path, stats_path = (f"{root.rstrip('/')}/{f}" for f in shard_files(name))
         rows = rows.drop_columns([SHARD_COL])
         tar_bytes = self._tar(rows)
-        atomic_write_bytes(fs, f"{base}.tar", tar_bytes)
+        atomic_write_bytes(fs, tar_path, tar_bytes)
         pq_bytes = self._parquet(rows)
-        atomic_write_bytes(fs, f"{base}.parquet", pq_bytes)
+        atomic_write_bytes(fs, pq_path, pq_bytes)
         stats = self._stats(name, rows, len(tar_bytes), len(pq_bytes))
-        atomic_write_bytes(fs, f"{base}_stats.json", json.dumps(stats, indent=1).encode())
+        atomic_write_bytes(fs, stats_path, json.dumps(stats, indent=1).encode())
         return stats
 
     def _tar(self, rows: pa.Table) -> bytes:
@@ -103,16 +84,16 @@ class Write(Sink):
                 img = images[i]
                 if img is None:  # an ok row always has bytes after download; re-read rows too
                     continue
-                _add(tar, f"{key}.{image_ext(img)}", img)
+                add_member(tar, f"{key}.{image_ext(img)}", img)
                 text = m.get("caption") or ""
                 rw = (rewrites[i] or []) if rewrites is not None else []
                 if self.config.caption_member == "rewrite" and rw:
                     text = rw[0]
-                _add(tar, f"{key}.txt", text.encode("utf-8"))
+                add_member(tar, f"{key}.txt", text.encode("utf-8"))
                 if self.config.rewrite_members:
                     for j, r in enumerate(rw):
-                        _add(tar, f"{key}.rewrite{j}.txt", r.encode("utf-8"))
-                _add(tar, f"{key}.json", json.dumps(m, ensure_ascii=False, default=str).encode("utf-8"))
+                        add_member(tar, f"{key}.rewrite{j}.txt", r.encode("utf-8"))
+                add_member(tar, f"{key}.json", json.dumps(m, ensure_ascii=False, default=str).encode("utf-8"))
         return buf.getvalue()
 
     def _parquet(self, rows: pa.Table) -> bytes:

@@ -37,14 +37,16 @@ def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
     import io
     import tarfile
 
+    from schemas.members import is_image_member, split_member
+
     images: dict[str, bytes] = {}
     captions: dict[str, str] = {}
     for p in sorted(tar_paths):
         with fs.open(p, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
             for m in tar:
-                key, _, ext = m.name.partition(".")
+                key, ext = split_member(m.name)
                 data = tar.extractfile(m).read()
-                if ext in ("jpg", "png", "webp"):
+                if is_image_member(ext):
                     assert key not in images, f"duplicate key {key}"
                     images[key] = data
                 elif ext == "txt":

@@ -215,11 +215,12 @@ def test_load_json_and_text(tmp_path):
 
 
 def test_shapes_demo_metadata_is_current_and_matches_the_captions():
+    from demo.metadata import shapes_metadata
     from demo.world import CONCEPTS, generate
 
     committed = md.load(REPO / "demo" / "assets" / "shapes_metadata.json")
-    assert committed == md.shapes_metadata()
-    assert md.load("demo/assets/shapes_metadata.json") == committed  # relative to the repo root
+    assert committed == shapes_metadata()
+    assert md.load("demo/assets/shapes_metadata.json") == committed  # relative to the working directory (the repo root)
     pairs = list(generate(200, seed=3))
     matched = Matcher(committed).match(pa.array([p.caption for p in pairs])).to_pylist()
     for p, ids in zip(pairs, matched):

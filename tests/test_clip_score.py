@@ -105,3 +105,11 @@ def test_bad_images_min_score_and_embeddings(pairs):
 def test_model_info_names_model():
     info = ClipScore(ClipScore.Config(model="ViT-L-14", pretrained="datacomp_xl_s13b_b90k")).model_info()
     assert info["model"] == "ViT-L-14" and info["pretrained"] == "datacomp_xl_s13b_b90k"
+
+
+def test_forward_batch_size_does_not_change_scores(pairs):
+    """``batch_size`` is rows per process call; ``forward_batch_size`` the model's batch inside it."""
+    a = ClipScore(ClipScore.Config(model=MODEL, batch_size=48, forward_batch_size=5, device="cpu"))(pairs)
+    b = ClipScore(ClipScore.Config(model=MODEL, batch_size=48, forward_batch_size=48, device="cpu"))(pairs)
+    assert np.allclose(a.column("clip_score").to_pylist(), b.column("clip_score").to_pylist(), atol=1e-5)
+    assert ClipScore(ClipScore.Config(model=MODEL, batch_size=48)).resources().batch_size == 48

@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import config, plan, report, report_html
+from pipeline import config, plan, report
 from pipeline.config import ConfigError
+from pipeline.html import sections
 from pipeline.preflight import preflight
 from stages.read import expand_paths
 from tests.conftest import REPO
@@ -323,7 +324,7 @@ def test_rows_per_second_counts_the_rows_a_stage_processed():
             "rejected_by": [None] * 13 + ["download"] * 3 + ["clip_score"] * 2,
         }
     )
-    html = report_html.section_funnel(m, df)
+    html = sections.funnel(m, df, [next(iter(s)) for s in m["config"]["stages"]])
     cells = re.findall(r"<tr>(.*?)</tr>", html)
     clip = next(c for c in cells if "<td>clip_score</td>" in c)
     assert re.findall(r"<td[^>]*>([^<]*)</td>", clip) == ["clip_score", "15", "filtered_clip: 2", "13", "1.5", "10"]

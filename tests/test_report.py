@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import report, report_html
+from pipeline import html as report_html
+from pipeline import report
 from schemas import OK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,7 +153,19 @@ def test_report_renders_in_chromium(run, tmp_path):
 
     p = probe(path, tmp_path)
     ids = [s["id"] for s in p["sections"]]
-    assert ids == list(report_html.SECTION_IDS)
+    # the sections follow the run: entry counts for the stage whose summary ranks entries (balance),
+    # labels from the workflow's report.label_column, failures of the stage that fills the image column
+    entries = ["balance"] if name == "full_run" else []
+    assert ids == [
+        "overview",
+        "funnel",
+        "clip-scores",
+        *entries,
+        "labels",
+        "samples",
+        "download-failures",
+        "metadata",
+    ]
     for s in p["sections"]:
         assert s["height"] > 0 and s["title"], s["id"]
     control = [i for i in p["images"] if i["id"] == "probe-control"]
@@ -167,14 +180,14 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert plots == expected
     sections = {s["id"]: s for s in p["sections"]}
     if name == "demo_run":
-        assert "no balance stage in this run" in sections["balance"]["text"]
+        assert "balance" not in sections
     thumbs = [i for i in images if i["cls"] == "thumb"]
     assert 0 < len(thumbs) <= report_html.SAMPLES_PER_GROUP
     assert all(i["section"] == "samples" for i in thumbs)
     # every threshold the run used is named in the score section
-    for label, value in report_html.clip_thresholds(manifest):
+    for label, value, _columns in report_html.thresholds(manifest):
         assert f"{label} = {value:.4f}" in sections["clip-scores"]["text"]
-    assert report_html.clip_thresholds(manifest), "both runs filter on the CLIP score"
+    assert report_html.thresholds(manifest), "both runs filter on the CLIP score"
     # the download failures of the demo world's broken entries are listed with their reasons
     df = _parquet(out)
     failed = df.filter(pl.col("rejected_by") == "download")
@@ -182,6 +195,7 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert f"{failed.height} of {df.height} rows failed to download" in sections["download-failures"]["text"]
     for reason in failed["reason"].unique().to_list():
         assert reason[:40] in sections["download-failures"]["text"]
+    assert "127.0.0.1" in sections["download-failures"]["text"], "failures by host (the demo server)"
 
     screenshot(path, tmp_path / f"report_{name}.png")
 
@@ -230,6 +244,124 @@ def test_report_reads_any_fsspec_filesystem(demo_run):
         assert fs.cat(f"{root}/report.html").decode() == report_html.render(str(out))
     finally:
         fs.rm(root, recursive=True)
+
+
+# ---- the report knows no stage by name -------------------------------------------------------------
+
+
+def _section_ids(page: str) -> list[str]:
+    return re.findall(r'<section id="([^"]+)">', page)
+
+
+def _section(page: str, sid: str) -> str:
+    return re.search(rf'<section id="{re.escape(sid)}">(.*?)</section>', page, re.S).group(1)
+
+
+def test_label_section_only_when_configured(demo_run, tmp_path):
+    """The demo's workflow sets report.label_column (its generator's truth): a 'labels' section with
+    the rows per value, the histogram split by value, the label and show_columns under each sample.
+    The same run with the report keys removed has none of it."""
+    out, _ = demo_run
+    page = report_html.render(str(out))
+    df = _parquet(out)
+    sec = _section(page, "labels")
+    for value, name in (("true", "mismatched caption"), ("false", "matched caption")):
+        g = df.filter(pl.col("is_mismatched") == value)
+        kept = g.filter(pl.col("status") == OK).height
+        assert f"<td>{name}</td><td>{value}</td><td class=n>{g.height}</td><td class=n>{kept}</td>" in sec
+    assert "<td>mismatched caption</td>" in _section(page, "clip-scores")  # a group per label value
+    samples = _section(page, "samples")
+    row = df.filter(pl.col("status") == OK).sort("key").row(0, named=True)
+    assert "label: " in samples and f"{row['true_colour']} {row['true_shape']}" in samples
+
+    copy = tmp_path / "output"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["config"].pop("report", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    bare = report_html.render(str(copy))
+    assert "labels" not in _section_ids(bare)
+    assert "label: " not in _section(bare, "samples")
+    assert "<td>kept (ok)</td>" in _section(bare, "clip-scores")  # kept vs rejected without a label
+
+
+FETCH_PLUGIN = """
+from stages.base import Stage
+
+
+class FetchImages(Stage):
+    name = "fetch_images"
+    fills = ("image", "width", "height")
+
+    def process(self, batch):
+        return batch
+"""
+
+
+def _fake_run(root: Path, stages: list[dict], rejected_by: str) -> Path:
+    """A run folder as the report reads it (manifest.json and one shard Parquet), without Ray."""
+    import pyarrow as pa
+
+    root.mkdir(parents=True)
+    rows = {
+        "key": ["0", "1", "2", "3"],
+        "url": ["http://a.example/0.jpg", "http://a.example/1.jpg", "https://b.example:8080/2", None],
+        "caption": ["a", "b", "c", "d"],
+        "status": [OK, "download_failed", "download_failed", "filtered_basic"],
+        "reason": [
+            None,
+            "http:404 not found",
+            "timeout: read timed out",
+            "basic:min_chars caption too short",
+        ],
+        "rejected_by": [None, rejected_by, rejected_by, rejected_by],
+    }
+    pq.write_table(pa.table(rows), root / "00000.parquet")
+    manifest = {"name": "fake", "output": str(root), "total_rows": 4, "total_samples": 1,
+                "shard_pattern": f"{root}/{{00000..00000}}.tar", "config": {"stages": stages}}  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_failure_sections_follow_the_image_filling_declaration(tmp_path, monkeypatch):
+    """No stage fills the image column: no failure section (and no score section without a score
+    column). A plug-in stage that declares it fills 'image' gets one, under its own name."""
+    run = _fake_run(tmp_path / "plain", [{"read": {}}, {"basic_filter": {}}, {"write": {}}], "basic_filter")
+    page = report_html.render(str(run))
+    assert _section_ids(page) == ["overview", "funnel", "samples", "metadata"]
+    assert "failed to" not in page
+
+    (tmp_path / "report_plugin.py").write_text(FETCH_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    name = "report_plugin:FetchImages"
+    run = _fake_run(tmp_path / "plugin", [{"read": {}}, {name: {}}, {"write": {}}], name)
+    page = report_html.render(str(run))
+    sid = "report-plugin-fetchimages-failures"
+    assert _section_ids(page) == ["overview", "funnel", "samples", sid, "metadata"]
+    sec = _section(page, sid)
+    assert f"3 of 4 rows failed to {name} (75.0%)" in sec
+    for cls in ("<td>http:404</td>", "<td>timeout:</td>", "<td>basic:min_chars</td>"):
+        assert cls in sec  # by class: the reason's first word
+    assert "<td>a.example</td><td class=n>1</td>" in sec and "<td>b.example</td><td class=n>1</td>" in sec
+
+
+def test_html_package_names_no_stage_and_stays_small():
+    """tests/test_layout.py's two rules, for the report's package alone."""
+    from pipeline import registry
+    from tests.test_layout import ENGINE_NAMES, _strings_and_names
+
+    words = set(registry.names()) | set(ENGINE_NAMES)
+    files = sorted((REPO / "pipeline" / "html").glob("*.py"))
+    assert len(files) >= 5
+    for f in files:
+        text = f.read_text()
+        assert len(text.splitlines()) <= 300, f
+        strings, names = _strings_and_names(text)
+        for w in words:
+            pat = rf"(?<![A-Za-z0-9_]){re.escape(w)}(?![A-Za-z0-9_])"
+            assert not any(re.search(pat, s, flags=re.IGNORECASE) for s in strings), (f, w)
+            assert w in ("read", "write") or w not in names, (f, w)
+    assert not (REPO / "pipeline" / "report_html.py").exists()
 
 
 # ---- acceptance 3: the summary's numbers --------------------------------------------------------

@@ -35,6 +35,12 @@ from stages.rewrite import (
 REPO = Path(__file__).resolve().parent.parent
 TOY_LM = REPO / "demo" / "assets" / "toy_lm"
 N_ROWS = 24
+TOY = {"type": "transformers", "model": "demo/assets/toy_lm"}  # the engine most tests use
+
+
+def make_config(engine: dict | None = None, **keys) -> dict:
+    """A rewrite config: ``engine`` (default: the toy LM with transformers) plus top-level keys."""
+    return {"engine": engine or TOY, **keys}
 
 
 def _words(text: str) -> list[str]:
@@ -100,8 +106,8 @@ def test_bank_errors(tmp_path):
         load_bank(bad)
     bad.write_text('{"source": "a dog", "target": "A dog."}\n')
     with pytest.raises(ValueError, match="k=3 but the bank has only 1 pairs"):
-        RewriteConfig(bank=str(bad))
-    ok = RewriteConfig(bank=str(bad), k=1)
+        RewriteConfig(**make_config(bank=str(bad)))
+    ok = RewriteConfig(**make_config(bank=str(bad), k=1))
     assert Rewrite(ok).bank == [("a dog", "A dog.")]
 
 
@@ -110,7 +116,7 @@ def test_prompt_is_the_laclip_format():
     assert completion_prompt(bank, "a red circle") == (
         "write image captions differently,\n\ns1 => t1\n\ns2 => t2\n\ns3 => t3\n\na red circle =>"
     )
-    stage = Rewrite({})
+    stage = Rewrite(make_config())
     ex = stage._examples("000000001", 0, 0)
     prompt = stage.build_prompt("a red circle", ex)
     assert prompt.startswith(INSTRUCTION + "\n\n") and prompt.endswith("\n\na red circle =>")
@@ -149,9 +155,9 @@ def test_clean_output_cuts_like_laclip():
     ],
 )
 def test_validation_rules(text, reason):
-    from stages.rewrite import _RowRewrites
+    from stages.rewrite import RowRewrites as _RowRewrites
 
-    stage = Rewrite({})
+    stage = Rewrite(make_config())
     cat = next(i for i, (s, _) in enumerate(stage.bank) if s == "black cat sleeping on a sofa")
     row = _RowRewrites("a red circle on a white background", stage.config, stage.bank)
     assert row.offer(0, text, [cat, 0, 1]) == reason
@@ -161,15 +167,15 @@ def test_validation_rules(text, reason):
 
 def test_config_rejects_secrets_and_bad_keys():
     with pytest.raises(ValueError, match="NAME of an environment variable"):
-        RewriteConfig(engine="openai", api_key_env="sk-live-1234")
+        RewriteConfig(**make_config({"type": "openai", "model": "m", "api_key_env": "sk-live-1234"}))
     with pytest.raises(ValueError, match="environment variable"):
-        RewriteConfig(engine="openai", header_envs={"X-Org": "org 123"})
+        RewriteConfig(**make_config({"type": "openai", "model": "m", "header_envs": {"X-Org": "org 123"}}))
     with pytest.raises(ValueError, match="base_url"):
-        RewriteConfig(engine="openai", base_url="ftp://x")
+        RewriteConfig(**make_config({"type": "openai", "model": "m", "base_url": "ftp://x"}))
     with pytest.raises(ValueError, match="user_template"):
-        RewriteConfig(mode="chat", user_template="{nope}")
+        RewriteConfig(**make_config(mode="chat", user_template="{nope}"))
     with pytest.raises(ValueError, match="Extra inputs"):
-        RewriteConfig(temprature=0.5)
+        RewriteConfig(**make_config(temprature=0.5))
 
 
 def test_config_error_names_the_stage_and_key():
@@ -180,9 +186,116 @@ def test_config_error_names_the_stage_and_key():
         from_dict(raw, source="w.yaml")
 
 
+@pytest.mark.parametrize(
+    "engine,expected",
+    [
+        ({"type": "vllm", "model": "m", "base_url": "http://x/v1"}, "unknown key 'engine.vllm.base_url'"),
+        ({"type": "transformers", "model": "m", "qps": 2}, "unknown key 'engine.transformers.qps'"),
+        ({"type": "openai", "model": "m", "engine_kwargs": {}}, "unknown key 'engine.openai.engine_kwargs'"),
+        ({"type": "vllm"}, "missing required key 'engine.vllm.model'"),
+        ({"type": "transformers"}, "missing required key 'engine.transformers.model'"),
+        ({"type": "gpt", "model": "m"}, "key 'engine': expected a mapping with 'type': one of transformers, openai, vllm"),
+        ({"model": "m"}, "key 'engine': expected a mapping with 'type'"),
+        (None, "missing required key 'engine'"),
+    ],
+)
+def test_engine_union_errors_are_one_line(engine, expected):
+    """A key of another engine, a missing model or engine, an unknown type: one line naming file, stage, key."""
+    from pipeline.config import ConfigError, from_dict
+
+    body = {"n_rewrites": 2} if engine is None else {"engine": engine}
+    raw = {"stages": [{"read": {"path": "x.parquet"}}, {"rewrite": body}, {"write": {}}]}
+    with pytest.raises(ConfigError) as e:
+        from_dict(raw, source="w.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("w.yaml: stages[1] (rewrite): ") and expected in msg, msg
+    if "unknown key" in msg:  # the allowed keys are the engine's own
+        assert "allowed keys:" in msg and "model" in msg and "n_rewrites" not in msg
+
+
+def test_model_has_no_default():
+    with pytest.raises(ValueError, match="model"):
+        RewriteConfig(engine={"type": "transformers"})
+    with pytest.raises(ValueError, match="engine"):
+        RewriteConfig()
+
+
+def test_every_engine_key_is_described():
+    from stages.rewrite.config import OpenAIEngineConfig, TransformersEngineConfig, VLLMEngineConfig
+
+    for cls in (RewriteConfig, TransformersEngineConfig, OpenAIEngineConfig, VLLMEngineConfig):
+        assert cls.model_config.get("extra") == "forbid"
+        for key, f in cls.model_fields.items():
+            assert f.description, f"{cls.__name__}.{key} has no description"
+
+
+def test_dataset_hook_per_engine(monkeypatch):
+    """transformers: no hook (the row map); openai: HttpRequestProcessorConfig with the headers only in
+    secret_kwargs; vllm: vLLMEngineProcessorConfig. The processor batch is its own key, not batch_size."""
+    monkeypatch.setenv("REWRITE_TEST_API_KEY", "sk-secret-42")
+    assert Rewrite(make_config()).dataset_hook() is None
+    http = Rewrite(make_config({"type": "openai", "model": "m", "api_key_env": "REWRITE_TEST_API_KEY",
+                                "processor_batch_size": 32}, batch_size=8)).dataset_hook()  # fmt: skip
+    assert http.config_class == "HttpRequestProcessorConfig"
+    assert http.secret_kwargs == {"headers": {"Authorization": "Bearer sk-secret-42"}}
+    assert "headers" not in http.config_kwargs and "sk-secret-42" not in repr(http)
+    assert "sk-secret-42" not in json.dumps({k: v for k, v in http.config_kwargs.items() if k != "session_factory"})
+    assert http.config_kwargs["batch_size"] == 32
+    assert Rewrite(make_config({"type": "openai", "model": "m"})).dataset_hook().secret_kwargs == {"headers": None}
+    vllm = Rewrite(make_config({"type": "vllm", "model": "m", "processor_batch_size": 16}, batch_size=8))
+    hook = vllm.dataset_hook()
+    assert hook.config_class == "vLLMEngineProcessorConfig" and hook.secret_kwargs == {}
+    assert hook.config_kwargs["batch_size"] == 16 and hook.config_kwargs["model_source"] == "m"
+    assert vllm.resources().batch_size == 8
+    llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
+    assert isinstance(getattr(llm, http.config_class)(**http.config_kwargs, **http.secret_kwargs),
+                      llm.HttpRequestProcessorConfig)  # fmt: skip
+    assert getattr(llm, hook.config_class)(**hook.config_kwargs).model_source == "m"
+
+
+def test_generate_batch_size_is_the_forward_batch(world_table, monkeypatch):
+    """``batch_size`` rows per process call; ``generate_batch_size`` prompts per generate() call."""
+    from stages.rewrite.engines.transformers_engine import TransformersEngine
+
+    sizes = []
+    real = TransformersEngine.generate
+
+    def spy(self, reqs, round_seed):
+        sizes.append(len(reqs))
+        return real(self, reqs, round_seed)
+
+    monkeypatch.setattr(TransformersEngine, "generate", spy)
+    table, _ = world_table
+    stage = Rewrite(make_config({**TOY, "generate_batch_size": 3, "max_retries": 0}, batch_size=5, n_rewrites=1,
+                                max_new_tokens=8))  # fmt: skip
+    calls = []
+    model_generate = None
+
+    def count_generate(*a, **kw):
+        calls.append(kw["input_ids"].shape[0])
+        return model_generate(*a, **kw)
+
+    stage.setup()
+    model_generate = stage.engine._model.generate
+    monkeypatch.setattr(stage.engine._model, "generate", count_generate)
+    stage(table.slice(0, 7))
+    assert sizes == [5, 2]  # two process calls: 5 rows, then 2 (one rewrite each, no retries)
+    assert calls == [3, 2, 2]  # forward batches of at most 3 prompts
+
+
+def test_teardown_closes_the_openai_client():
+    stage = Rewrite(make_config({"type": "openai", "model": "m"}))
+    stage.setup()
+    pool, session = stage.engine._pool, stage.engine._session
+    closed = []
+    session.close = lambda: closed.append(True)
+    stage.teardown()
+    assert closed == [True] and pool._shutdown
+
+
 def test_model_info_records_model_prompt_and_sampling(monkeypatch):
     monkeypatch.setenv("TEST_REWRITE_KEY", "secret-value-123")
-    stage = Rewrite({"engine": "openai", "model": "m", "mode": "chat", "api_key_env": "TEST_REWRITE_KEY"})
+    stage = Rewrite(make_config({"type": "openai", "model": "m", "api_key_env": "TEST_REWRITE_KEY"}, mode="chat"))
     info = stage.model_info()
     assert info["model"] == "m" and info["engine"] == "openai" and info["mode"] == "chat"
     assert info["sampling"] == {
@@ -224,17 +337,17 @@ def test_toy_lm_is_an_ordinary_hf_model_dir():
 
 def test_transformers_engine_rewrites_the_demo_world(world_table):
     table, pairs = world_table
-    stage = Rewrite({"engine": "transformers", "model": "demo/assets/toy_lm", "batch_size": 16})
+    stage = Rewrite(make_config({"type": "transformers", "model": "demo/assets/toy_lm"}, batch_size=16))
     out = stage(table)
     check_world_rewrites(out, pairs, 4)
     # Same seed, same rows: same rewrites.
-    again = Rewrite({"engine": "transformers", "batch_size": 16})(table.slice(0, 16))
+    again = Rewrite(make_config(batch_size=16))(table.slice(0, 16))
     assert again.column("caption_rewrites").to_pylist() == out.column("caption_rewrites").to_pylist()[:16]
 
 
 def test_failed_rewrites_keep_the_row(world_table):
     table, _ = world_table
-    stage = Rewrite({"max_chars": 8, "max_retries": 1, "n_rewrites": 2})
+    stage = Rewrite(make_config({**TOY, "max_retries": 1}, max_chars=8, n_rewrites=2))
     out = stage(table.slice(0, 3))
     assert out.column("status").to_pylist() == ["ok"] * 3
     assert out.column("caption").to_pylist() == table.column("caption").to_pylist()[:3]
@@ -245,7 +358,7 @@ def test_failed_rewrites_keep_the_row(world_table):
 
 def test_chat_mode_with_transformers(world_table):
     table, pairs = world_table
-    stage = Rewrite({"mode": "chat", "n_rewrites": 2})
+    stage = Rewrite(make_config(mode="chat", n_rewrites=2))
     out = stage(table.slice(0, 6))
     rewrites = out.column("caption_rewrites").to_pylist()
     assert sum(bool(r) for r in rewrites) >= 5
@@ -267,8 +380,8 @@ def flaky_server():
 def test_openai_engine_with_retries(world_table, flaky_server, monkeypatch):
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "test-key-1")
     table, pairs = world_table
-    stage = Rewrite({"engine": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
-                     "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.01, "request_concurrency": 4})  # fmt: skip
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
+                         "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.01, "request_concurrency": 4}))  # fmt: skip
     before = dict(flaky_server.statuses())
     out = stage(table)
     check_world_rewrites(out, pairs, 4)
@@ -282,9 +395,8 @@ def test_openai_engine_with_retries(world_table, flaky_server, monkeypatch):
 def test_openai_engine_chat_mode(world_table, flaky_server, monkeypatch):
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "test-key-1")
     table, pairs = world_table
-    stage = Rewrite({"engine": "openai", "model": "toy-lm", "mode": "chat", "n_rewrites": 2,
-                     "base_url": flaky_server.base_url, "api_key_env": "REWRITE_TEST_API_KEY",
-                     "http_backoff_s": 0.01})  # fmt: skip
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
+                         "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.01}, mode="chat", n_rewrites=2))  # fmt: skip
     out = stage(table.slice(0, 6))
     rewrites = out.column("caption_rewrites").to_pylist()
     assert sum(bool(r) for r in rewrites) >= 5
@@ -299,8 +411,8 @@ def test_openai_engine_unreachable_endpoint_keeps_rows(world_table):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     table, _ = world_table
-    stage = Rewrite({"engine": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "http_retries": 1,
-                     "http_backoff_s": 0.0, "max_retries": 0, "n_rewrites": 1})  # fmt: skip
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": f"http://127.0.0.1:{port}/v1",
+                         "http_retries": 1, "http_backoff_s": 0.0, "max_retries": 0}, n_rewrites=1))  # fmt: skip
     out = stage(table.slice(0, 2))
     assert out.column("status").to_pylist() == ["ok", "ok"]
     assert out.column("caption_rewrites").to_pylist() == [[], []]
@@ -309,7 +421,7 @@ def test_openai_engine_unreachable_endpoint_keeps_rows(world_table):
 
 def test_openai_engine_missing_key_env_fails_setup(monkeypatch):
     monkeypatch.delenv("REWRITE_TEST_MISSING", raising=False)
-    stage = Rewrite({"engine": "openai", "api_key_env": "REWRITE_TEST_MISSING"})
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "api_key_env": "REWRITE_TEST_MISSING"}))
     with pytest.raises(RuntimeError, match="REWRITE_TEST_MISSING"):
         stage.setup()
 
@@ -334,12 +446,13 @@ def _run_spec_by_hand(spec, table: pa.Table, engine_output) -> pa.Table:
 
 
 def test_vllm_spec_processor_kwargs():
-    stage = Rewrite({"engine": "vllm", "model": "meta-llama/Meta-Llama-3.1-8B-Instruct", "mode": "chat",
-                     "concurrency": 4, "batch_size": 128, "num_gpus": 2, "accelerator_type": "H100",
-                     "engine_kwargs": {"max_model_len": 4096, "enable_prefix_caching": True}})  # fmt: skip
-    spec = stage.llm_spec()
-    assert spec.kind == "vllm" and spec.headers == {}
-    kw = spec.processor_kwargs
+    stage = Rewrite(make_config({"type": "vllm", "model": "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                                 "processor_batch_size": 128, "accelerator_type": "H100",
+                                 "engine_kwargs": {"max_model_len": 4096, "enable_prefix_caching": True}},
+                                mode="chat", concurrency=4, num_gpus=2))  # fmt: skip
+    spec = stage.dataset_hook()
+    assert spec.config_class == "vLLMEngineProcessorConfig" and spec.secret_kwargs == {}
+    kw = spec.config_kwargs
     assert kw["model_source"] == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert kw["engine_kwargs"] == {
         "max_model_len": 4096,
@@ -352,7 +465,8 @@ def test_vllm_spec_processor_kwargs():
         and kw["detokenize_stage"] is False
         and kw["should_continue_on_error"]
     )
-    assert Rewrite({"engine": "vllm"}).llm_spec().processor_kwargs["chat_template_stage"] is False
+    vllm_default = Rewrite(make_config({"type": "vllm", "model": "some/model"}))
+    assert vllm_default.dataset_hook().config_kwargs["chat_template_stage"] is False
     llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
     cfg = llm.vLLMEngineProcessorConfig(**kw)  # the kwargs are the real config's fields
     assert cfg.model_source == kw["model_source"] and cfg.accelerator_type == "H100"
@@ -361,8 +475,8 @@ def test_vllm_spec_processor_kwargs():
 
 def test_vllm_spec_row_functions(world_table):
     table, pairs = world_table
-    stage = Rewrite({"engine": "vllm", "model": "some/model", "spares": 2})
-    spec = stage.llm_spec()
+    stage = Rewrite(make_config({"type": "vllm", "model": "some/model", "spares": 2}))
+    spec = stage.dataset_hook()
     rows = pa.concat_tables([table.slice(0, 3), table.slice(N_ROWS, 1)])  # 3 ok rows + 1 not ok
     rows = rows.append_column("width", pa.array([64, 32, 16, 8], pa.int32()))
     rows = rows.append_column(
@@ -409,18 +523,18 @@ def test_http_spec_kwargs_and_row_functions(world_table, monkeypatch):
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "k-1")
     monkeypatch.setenv("REWRITE_TEST_ORG", "org-7")
     table, _ = world_table
-    stage = Rewrite({"engine": "openai", "model": "toy-lm", "base_url": "http://127.0.0.1:9/v1", "qps": 2.5,
-                     "api_key_env": "REWRITE_TEST_API_KEY", "header_envs": {"OpenAI-Organization": "REWRITE_TEST_ORG"},
-                     "http_retries": 3, "http_backoff_s": 0.5, "spares": 0, "n_rewrites": 2})  # fmt: skip
-    spec = stage.llm_spec()
-    assert spec.kind == "http"
-    assert callable(spec.processor_kwargs.pop("session_factory"))
-    assert spec.processor_kwargs == {"batch_size": 64, "concurrency": 1, "url": "http://127.0.0.1:9/v1/completions",
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": "http://127.0.0.1:9/v1", "qps": 2.5,
+                                 "api_key_env": "REWRITE_TEST_API_KEY", "header_envs": {"OpenAI-Organization": "REWRITE_TEST_ORG"},
+                                 "http_retries": 3, "http_backoff_s": 0.5, "spares": 0}, n_rewrites=2))  # fmt: skip
+    spec = stage.dataset_hook()
+    assert spec.config_class == "HttpRequestProcessorConfig"
+    assert callable(spec.config_kwargs.pop("session_factory"))
+    assert spec.config_kwargs == {"batch_size": 64, "concurrency": 1, "url": "http://127.0.0.1:9/v1/completions",
                                      "qps": 2, "max_retries": 3, "base_retry_wait_time_in_s": 0.5}  # fmt: skip
-    assert spec.headers == {"Authorization": "Bearer k-1", "OpenAI-Organization": "org-7"}
+    assert spec.secret_kwargs == {"headers": {"Authorization": "Bearer k-1", "OpenAI-Organization": "org-7"}}
     assert "k-1" not in repr(spec)
     llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
-    cfg = llm.HttpRequestProcessorConfig(**spec.processor_kwargs, headers=spec.headers)
+    cfg = llm.HttpRequestProcessorConfig(**spec.config_kwargs, **spec.secret_kwargs)
     assert cfg.url.endswith("/v1/completions") and cfg.max_retries == 3
     one = table.slice(0, 1)
     row = one.to_pylist()[0]
@@ -480,7 +594,7 @@ def test_http_session_compacts_responses(flaky_server):
 
 
 def test_vllm_engine_without_ray_says_how_to_run():
-    stage = Rewrite({"engine": "vllm"})
+    stage = Rewrite(make_config({"type": "vllm", "model": "some/model"}))
     out = stage(pa.table({"key": ["1"], "caption": ["a red circle"], "status": ["ok"]}))
     assert out.column("status").to_pylist() == ["stage_error"]
     assert "ray.data.llm" in out.column("reason").to_pylist()[0]
@@ -496,9 +610,9 @@ def test_ray_data_llm_end_to_end_with_the_http_processor(ray_session, world_tabl
 
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "test-key-1")
     table, pairs = world_table
-    stage = Rewrite({"engine": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
-                     "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.05, "spares": 4,
-                     "batch_size": 16})  # fmt: skip
+    stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
+                                 "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.05, "spares": 4,
+                                 "processor_batch_size": 16}))  # fmt: skip
     small = table.slice(0, 8)
     before = dict(flaky_server.statuses())
     started = not ray.is_initialized()

@@ -23,7 +23,8 @@ CONFIGS = {
     "clip_score": {"model": TOY_CLIP, "batch_size": 16},
     "clip_filter": {"top_fraction": 0.5},
     "balance": {"metadata": str(REPO / "demo" / "assets" / "shapes_metadata.json"), "t": 5},
-    "rewrite": {"model": str(REPO / "demo" / "assets" / "toy_lm"), "n_rewrites": 1, "max_new_tokens": 24},
+    "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
+                "max_new_tokens": 24},
 }
 ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "rewrite"]
 
@@ -46,7 +47,7 @@ def rows(demo_urls, tmp_path_factory) -> pa.Table:
             "index_digits": pa.array([plan.index_digits], pa.int32()),
         }
     )
-    return read(spec)
+    return read.load_specs(spec)
 
 
 def test_every_registered_stage_is_covered():
@@ -79,8 +80,9 @@ def test_stages_chain_without_ray(rows, tmp_path):
     ok = t.filter(pc.equal(t.column("status"), OK))
     assert ok.num_rows > 0
 
-    write = registry.get("write")(registry.get("write").Config(output=str(tmp_path)))
-    write.setup()
-    stats = write(t)
-    assert stats.num_rows == 1
+    from stages.roles import SinkContext
+
+    write = registry.get("write")(registry.get("write").Config())
+    stats = write.write(t, SinkContext(output=str(tmp_path)))
+    assert len(stats) == 1
     assert (Path(tmp_path) / "00000.tar").exists() and (Path(tmp_path) / "00000_stats.json").exists()

@@ -1,0 +1,32 @@
+"""``report.html``: one self-contained page per run (inline CSS, plots and thumbnails as ``data:``
+URIs, no script, no network), written beside ``manifest.json``.
+
+The numbers come from the shard Parquet files (every row, every status), aggregated with polars;
+``manifest.json`` adds the config, the models, the versions, stage timings and the fitted global
+state summaries; ``_clipcurate/state/`` holds the fitted states (entry counts); kept images are read
+back from the shard tars. Everything is read through fsspec, so ``s3://`` outputs work.
+
+The package knows no stage by name. Sections, in this order (ids are stable for a given run):
+
+* ``overview``, ``funnel``: always;
+* one per score column (``schemas.row.SCORE_COLUMNS``) present in the rows, id ``<column>s`` with
+  ``_`` as ``-`` (``clip-scores``), with every threshold of the run: a stage config's ``min_score``
+  or a global state summary's ``threshold``, drawn on the columns their stage requires or produces;
+* one per global stage whose state summary has ``top_entries``, id = the stage name: entry counts
+  before (the fitted ``counts``) and after (the kept rows' entry-id column the stage produces);
+* ``labels``: only with the workflow's ``report.label_column``;
+* ``samples``: always (shows ``report.show_columns`` under each sample);
+* one per stage that declares it fills the ``image`` column, id ``<stage>-failures``;
+* ``metadata``: always.
+
+    build("demo_out/output")  -> "demo_out/output/report.html"
+
+Modules: ``data`` (reading, declarations), ``markup`` (HTML pieces), ``charts`` (matplotlib),
+``sections``, ``samples``, ``page`` (``render``, ``build``).
+"""
+
+from pipeline.html.data import thresholds
+from pipeline.html.page import REPORT_NAME, build, render
+from pipeline.html.samples import SAMPLES_PER_GROUP
+
+__all__ = ["REPORT_NAME", "SAMPLES_PER_GROUP", "build", "render", "thresholds"]

@@ -1,0 +1,69 @@
+"""The ``vllm`` engine: vLLM replicas through ``ray.data.llm`` (``vLLMEngineProcessorConfig``), the
+production path on GPU clusters. It has no in-stage generation: without Ray, use the ``transformers``
+engine, or the ``openai`` engine against ``vllm serve``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from stages.base import ProcessorHook
+from stages.rewrite.engines.base import Engine, Generation
+from stages.rewrite.prompt import STOP, Prompts
+from stages.rewrite.raypath import RayPath
+
+
+def vllm_request(config, prompts: Prompts, caption: str, examples: list[int], seed: int) -> dict[str, Any]:
+    """The fields of one vLLM request row: ``sampling_params`` and ``prompt`` (or chat ``messages``)."""
+    c = config
+    out: dict[str, Any] = {
+        "sampling_params": {"temperature": c.temperature, "top_p": c.top_p, "max_tokens": c.max_new_tokens,
+                            "stop": list(STOP), "seed": seed}  # fmt: skip
+    }
+    if c.mode == "chat":
+        out["messages"] = prompts.messages(caption, examples)
+    else:
+        out["prompt"] = prompts.prompt(caption, examples)
+    return out
+
+
+def vllm_text(row: dict[str, Any]) -> Generation:
+    """(text, error) of a vLLM output row (engine errors arrive as ``__inference_error__``)."""
+    return row.get("generated_text"), None
+
+
+class VLLMEngine(Engine):
+    type = "vllm"
+    in_stage = False
+    without_ray = (
+        "engine 'vllm' runs through ray.data.llm under Ray (Rewrite.dataset_hook()); without Ray use "
+        "engine 'transformers', or engine 'openai' against `vllm serve`"
+    )
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        kw = dict(self.engine.engine_kwargs)
+        if self.config.num_gpus > 1 and "tensor_parallel_size" not in kw:
+            kw["tensor_parallel_size"] = int(self.config.num_gpus)
+        return kw
+
+    def hook(self) -> ProcessorHook:
+        c, e = self.config, self.engine
+        rp = RayPath(c, self.prompts, functools.partial(vllm_request, c, self.prompts), vllm_text)
+        kwargs = {
+            "batch_size": e.processor_batch_size,
+            "concurrency": c.concurrency,
+            "model_source": e.model,
+            "engine_kwargs": self.engine_kwargs(),
+            "accelerator_type": e.accelerator_type,
+            "chat_template_stage": c.mode == "chat",
+            "tokenize_stage": True,
+            "detokenize_stage": False,  # vLLM detokenizes itself (needed for the "\n" stop string)
+            "should_continue_on_error": True,  # a failed request becomes a rejected rewrite
+        }
+        return ProcessorHook(
+            "vLLMEngineProcessorConfig", kwargs, rp.preprocess, rp.postprocess, rp.explode, rp.collect
+        )
+
+    def info(self) -> dict[str, Any]:
+        e = self.engine
+        return {"engine_kwargs": self.engine_kwargs(), "accelerator_type": e.accelerator_type, "spares": e.spares}
