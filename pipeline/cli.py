@@ -6,7 +6,8 @@
     clipcurate report out/
     clipcurate submit workflows/demo.yaml --address http://127.0.0.1:8265 -- --output /shared/out
 
-Bad configs fail before any work with one line naming the file, the stage and the key (exit 2).
+Bad configs and bad inputs (missing file or column, empty list, an output of another config or of a
+changed input) fail before any work with one line naming the file, the stage and the key (exit 2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "fsspec", "urllib3")
 
 
 def _load(args):
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # storage clients' INFO chatter ("Found credentials in environment variables.")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     from pipeline.config import ConfigError
 
     try:
@@ -102,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, pipe) -> int:
+    from pipeline.preflight import preflight
+
+    # Input and output problems end here, in one line, before Ray starts and before anything is written.
+    preflight(pipe, overwrite=args.overwrite)
     from pipeline import report
     from pipeline.ray import run
     from stages.base import StageFailed

@@ -248,7 +248,13 @@ def parse_set(item: str, source: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"{source}: --set {item!r}: expected KEY=VALUE")
     k, v = item.split("=", 1)
-    return k.strip(), yaml.safe_load(v) if v != "" else ""
+    if v == "":
+        return k.strip(), ""
+    try:
+        return k.strip(), yaml.safe_load(v)
+    except yaml.YAMLError as e:
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{source}: --set {item}: the value is not valid YAML ({problem})") from None
 
 
 def load(path: str | Path, overrides: list[str] | None = None, output: str | None = None) -> Pipeline:

@@ -29,19 +29,52 @@ class ProgressPrinter:
 
 
 def funnel_rows(manifest: dict) -> list[dict]:
-    """One row per stage, in pipeline order: rows rejected by that stage per status."""
+    """The funnel, one row per stage in pipeline order (``config.stages``); the one computation behind
+    the terminal summary and ``report.html``. Per stage:
+
+    * ``in``: rows that entered it as ``ok`` (total rows minus the rows earlier stages rejected),
+      ``rejected`` (status -> rows) and ``out`` (``ok`` rows after it);
+    * ``processed``: rows it processed: ``in``, or every row for the source and the sink (first, last);
+    * ``seconds``: its busy seconds in this run (``stage_seconds``), and ``rows_per_s``: processed rows
+      per busy second. The executor's ``stage_rows`` count the rows a stage passed through in this run;
+      on a resumed run that is a share of the total, and ``processed`` is scaled by that share.
+    """
     order = [next(iter(s)) for s in manifest["config"]["stages"]]
+    total = manifest["total_rows"]
+    secs = manifest.get("stage_seconds") or {}
+    passed = manifest.get("stage_rows") or {}
     out = []
-    remaining = manifest["total_rows"]
+    remaining = total
     for i, name in enumerate(order):
-        rejected = manifest["stage_status"].get(name, {})
+        source, sink = i == 0, i == len(order) - 1
+        rejected = {} if source else manifest["stage_status"].get(name, {})
         n_rej = sum(rejected.values())
-        if i == 0:  # the source
-            out.append({"stage": name, "in": manifest["total_rows"], "rejected": {}, "out": remaining})
-            continue
-        out.append({"stage": name, "in": remaining, "rejected": rejected, "out": remaining - n_rej})
+        processed = total if source or sink else remaining
+        s, n = secs.get(name), passed.get(name)
+        rate = processed * min(1.0, n / total) / s if s and n and total else None
+        out.append(
+            {
+                "stage": name,
+                "in": remaining,
+                "rejected": rejected,
+                "out": remaining - n_rej,
+                "processed": processed,
+                "seconds": s,
+                "rows_per_s": rate,
+            }
+        )
         remaining -= n_rej
     return out
+
+
+def input_rows(manifest: dict) -> int | None:
+    """Rows the input had (``input_rows``), or None when they were not counted before the run: a
+    source that counts its rows only as it reads them (WebDataset tars) records 0, and a 0-row input
+    cannot give rows out; manifests from before ``input_rows`` lack it."""
+    n = manifest.get("input_rows")
+    if n is None or n == 0 and manifest.get("total_rows", 0) > 0:
+        return None
+    return n
 
 
 def print_summary(manifest: dict, report_path: str | None = None, file=None) -> None:
@@ -56,27 +89,33 @@ def print_summary(manifest: dict, report_path: str | None = None, file=None) -> 
     t.add_column("ok out", justify="right")
     t.add_column("busy s", justify="right")
     t.add_column("rows/s", justify="right")
-    secs = manifest.get("stage_seconds", {})
-    rows = manifest.get("stage_rows", {})
     for r in funnel_rows(manifest):
-        s = secs.get(r["stage"])
-        n = rows.get(r["stage"])
         rej = ", ".join(f"{k}: {v}" for k, v in sorted(r["rejected"].items())) or "-"
         t.add_row(
             r["stage"],
             str(r["in"]),
             rej,
             str(r["out"]),
-            f"{s:.1f}" if s else "-",
-            f"{n / s:.0f}" if s and n else "-",
+            f"{r['seconds']:.1f}" if r["seconds"] else "-",
+            f"{r['rows_per_s']:.0f}" if r["rows_per_s"] else "-",
         )
     console.print(t)
     sc = manifest["status_counts"]
+    n_in, n_out = input_rows(manifest), manifest["total_rows"]
     console.print(
-        f"rows: {manifest['total_rows']} in, {manifest['total_rows']} out "
+        f"rows: {'?' if n_in is None else n_in} in, {n_out} out "
         f"({sc.get(OK, 0)} ok samples in {len(manifest['shards'])} shards)"
         + ("  [resumed]" if manifest.get("resumed") else "")
+        + ("  (WebDataset input: rows are counted as the tars are loaded)" if n_in is None else ""),
+        markup=False,  # "[resumed]" is text, not a rich style tag
     )
+    if n_in is not None and n_in != n_out:
+        what = (
+            f"{n_in - n_out} of the {n_in} input rows are missing from the output"
+            if n_in > n_out
+            else f"the output has {n_out - n_in} rows more than the {n_in} input rows"
+        )
+        console.print(f"[bold red]ROWS IN != ROWS OUT: {what}[/bold red]", highlight=False)
     console.print(f"wall time: {manifest['wall_seconds']:.1f}s")
     console.print(f"output:   {manifest['output']}")
     console.print(f"shards:   {manifest['shard_pattern']}  (--train-num-samples {manifest['total_samples']})")

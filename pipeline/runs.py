@@ -8,6 +8,7 @@ Layout inside ``OUTPUT`` (any fsspec path)::
         config.json                   # resolved config + hash; a different config is refused
         input/00000.parquet ...       # the input list split into shards (text only)
         input/_plan.json              # shard row counts and key digits (written last)
+        input/_fingerprint.json       # size and version of each input file; a changed input is refused
         state/03_balance.json         # fitted state of each global stage (written once)
         spill/03/00000.parquet ...    # rows entering global stage 3 (deleted after success)
 
@@ -35,6 +36,10 @@ from stages.io import TMP_MARK, atomic_write_bytes
 
 class OutputInUse(ConfigError):
     pass
+
+
+class InputChanged(ConfigError):
+    """The input files differ from those the run in the output split (size, version, list)."""
 
 
 def _join(root: str, *parts: str) -> str:
@@ -98,36 +103,54 @@ class RunDir:
         return path if proto in ("file", "local") else f"{proto}://{path}"
 
     # ---- lifecycle ----------------------------------------------------------------------------
-    def prepare(self, pipe: Pipeline, overwrite: bool = False) -> bool:
-        """Check the output against the config. Returns True when resuming a previous run.
+    def check(self, pipe: Pipeline, overwrite: bool = False, fingerprint: list[dict] | None = None) -> bool:
+        """The read-only half of ``prepare`` (``clipcurate run`` calls it before Ray starts). Returns
+        True when the output holds a run of this config to resume.
 
         A non-empty output made by a different config (or not by clipcurate) is refused unless
-        ``overwrite``; with ``overwrite`` its shards and run state are deleted first."""
+        ``overwrite``; so is a run whose input files changed since it split them (``fingerprint``:
+        the input's, from ``source_fingerprint``; computed here when not given and needed)."""
         cfg_path = _join(self.state_root, "config.json")
         h = pipe.config_hash()
         existing = self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []
-        resuming = False
-        if existing:
-            if self.fs.exists(cfg_path):
-                old = self.read_json(cfg_path)
-                if old.get("config_hash") == h and not overwrite:
-                    resuming = True
-                elif not overwrite:
-                    raise OutputInUse(
-                        f"{pipe.source}: output {self.url} holds a run of a different config "
-                        f"(hash {old.get('config_hash')}, this config is {h}); "
-                        f"use another --output, or --overwrite to replace it"
-                    )
-            elif not overwrite:
-                raise OutputInUse(
-                    f"{pipe.source}: output {self.url} is not empty and was not written by clipcurate; "
-                    f"use another --output, or --overwrite to replace it"
+        if not existing or overwrite:
+            return False
+        if not self.fs.exists(cfg_path):
+            raise OutputInUse(
+                f"{pipe.source}: output {self.url} is not empty and was not written by clipcurate; "
+                f"use another --output, or --overwrite to replace it"
+            )
+        old = self.read_json(cfg_path)
+        if old.get("config_hash") != h:
+            raise OutputInUse(
+                f"{pipe.source}: output {self.url} holds a run of a different config "
+                f"(hash {old.get('config_hash')}, this config is {h}); "
+                f"use another --output, or --overwrite to replace it"
+            )
+        fp_path = self.fingerprint_path()
+        if self.fs.exists(_join(self.state_root, "input", "_plan.json")) and self.fs.exists(fp_path):
+            if fingerprint is None:
+                fingerprint = source_fingerprint(pipe.build(0))
+            change = describe_change(self.read_json(fp_path).get("files", []), fingerprint)
+            if change:
+                spec = pipe.stages[0]
+                raise InputChanged(
+                    f"{pipe.source}: stages[{spec.index}] ({spec.name}): key 'path': the input changed since "
+                    f"the run in {self.url} started ({change}); use --overwrite to start over, or another --output"
                 )
-            if overwrite:
-                self.clear()
+        return True
+
+    def prepare(self, pipe: Pipeline, overwrite: bool = False) -> bool:
+        """Check the output against the config (``check``), then make it ready. Returns True when
+        resuming a previous run. With ``overwrite``, its shards and run state are deleted first."""
+        resuming = self.check(pipe, overwrite)
+        if overwrite and self.fs.exists(self.root) and self.fs.ls(self.root, detail=False):
+            self.clear()
         self.fs.makedirs(self.state_root, exist_ok=True)
         if not resuming:
-            self.write_json(cfg_path, {"config_hash": h, "config": pipe.resolved()})
+            self.write_json(
+                _join(self.state_root, "config.json"), {"config_hash": pipe.config_hash(), "config": pipe.resolved()}
+            )
         self.remove_tmp()
         return resuming
 
@@ -152,14 +175,19 @@ class RunDir:
     def input_path(self, shard: int) -> str:
         return _join(self.state_root, "input", f"{shard:05d}.parquet")
 
+    def fingerprint_path(self) -> str:
+        return _join(self.state_root, "input", "_fingerprint.json")
+
     def input_plan(self, read_stage, samples_per_shard: int) -> InputPlan:
-        """Split the input into shards once; later runs reuse the split."""
+        """Split the input into shards once; later runs reuse the split (``check`` refuses a rerun
+        whose input files changed since: their fingerprint is recorded before the split)."""
         from stages.read import key_digits
 
         plan_path = _join(self.state_root, "input", "_plan.json")
         if self.fs.exists(plan_path):
             p = self.read_json(plan_path)
             return InputPlan(p["counts"], p["shard_digits"], p["index_digits"], p["name_digits"])
+        self.write_json(self.fingerprint_path(), {"files": source_fingerprint(read_stage)})
         counts = read_stage.split(samples_per_shard, lambda i, t: self.write_parquet(self.input_path(i), t))
         sd, idd = key_digits(len(counts), samples_per_shard)
         plan = InputPlan(counts, sd, idd, max(5, len(str(max(len(counts) - 1, 0)))))
@@ -194,6 +222,36 @@ class RunDir:
         for p in sorted(self.fs.glob(_join(self.root, "*_stats.json"))):
             out.append(self.read_json(p))
         return out
+
+
+def source_fingerprint(source) -> list[dict]:
+    """The input files' fingerprint (path, size, version) of a source that offers one (``Read``);
+    [] for a source without files to fingerprint."""
+    fn = getattr(source, "fingerprint", None)
+    return fn() if callable(fn) else []
+
+
+def describe_change(old: list[dict], new: list[dict]) -> str | None:
+    """How input fingerprint ``new`` differs from ``old`` (the first difference), or None."""
+    from stages.read_inputs import shown_path
+
+    before = {f["path"]: f for f in old}
+    after = {f["path"]: f for f in new}
+    for path in after:
+        if path not in before:
+            return f"new file {shown_path(path)}"
+    for path in before:
+        if path not in after:
+            return f"{shown_path(path)} is gone"
+    for path, f in after.items():
+        b = before[path]
+        if b.get("size") != f.get("size"):
+            return f"{shown_path(path)}: {b.get('size')} bytes then, {f.get('size')} now"
+        if b.get("version") != f.get("version"):
+            return f"{shown_path(path)} was modified"
+    if [f["path"] for f in old] != [f["path"] for f in new]:
+        return "the files are in another order"
+    return None
 
 
 def _is_shard_file(base: str) -> bool:

@@ -1,5 +1,9 @@
 """Read URL lists (parquet, csv, tsv, json, jsonl, txt; optionally gzipped) or existing WebDataset shards.
 
+``path`` is a file, a folder, a glob or a list of them. Before anything runs, ``check`` looks at the input
+without reading it whole (listing, Parquet footers, first rows of text files): files exist, their format is
+known, the configured columns are there, and there is a row (unless ``allow_empty``).
+
 Reading happens in two steps, like img2dataset:
 
 1. ``split`` (on the driver, streaming, never the whole list in memory): the input is cut into
@@ -30,7 +34,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from schemas import OK, conform
 from schemas.row import FILLED_LATER, SHARD_COL
@@ -43,15 +47,28 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class ReadConfig(RoleConfig):
-    path: str | list[str]  # file, glob, or list of them; any fsspec path (s3://..., file://...)
-    input_format: Literal[FORMATS] = "auto"  # img2dataset's names; auto = from the extension
-    url_col: str = "url"  # column holding the URL (img2dataset's url_col)
-    caption_col: str | None = "caption"  # column holding the caption; null: no captions
-    # Input columns carried to the output (Parquet and the tar's json), as strings: text as is,
-    # other values JSON-encoded (true, 3, [1, 2]).
-    save_additional_columns: list[str] = []
-    # text formats
-    csv_delimiter: str | None = None  # default: ',' for csv, '\t' for tsv
+    path: str | list[str] = Field(
+        description="A file, folder or glob, or a list of them; any fsspec path (`s3://...`, `file://...`). "
+        "A folder is read as its files of the format, sorted by name (names starting with `.` or `_` skipped)."
+    )
+    input_format: Literal[FORMATS] = Field(
+        "auto",
+        description="img2dataset's names; `auto`: from each file's extension (a folder: its files of the one "
+        "known format they share).",
+    )
+    url_col: str = Field("url", description="Column holding the URL (img2dataset's `url_col`).")
+    caption_col: str | None = Field("caption", description="Column holding the caption; null: no captions.")
+    save_additional_columns: list[str] = Field(
+        [],
+        description="Input columns carried to the output (Parquet and the tar's json), as strings: text as is, "
+        "other values JSON-encoded (true, 3, [1, 2]).",
+    )
+    csv_delimiter: str | None = Field(None, description="Text formats; default: `,` for csv, tab for tsv.")
+    allow_empty: bool = Field(
+        False,
+        description="An input with no rows is an error (one line, before Ray starts); true: run it anyway "
+        "(an output with no shards).",
+    )
 
     @field_validator("path")
     @classmethod
@@ -92,17 +109,12 @@ def _fmt_of(path: str, declared: str) -> str:
     raise ValueError(f"cannot infer input_format of {path!r}; set input_format to one of {', '.join(FORMATS[1:])}")
 
 
-def expand_paths(path: str | list[str]) -> list[str]:
-    """Expand globs. Returns fully qualified fsspec URLs, sorted within each pattern."""
-    out: list[str] = []
-    for pat in [path] if isinstance(path, str) else path:
-        fs, _, paths = fsspec.get_fs_token_paths(pat)
-        if not paths:
-            raise FileNotFoundError(f"no input file matches {pat!r}")
-        proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-        for p in sorted(paths):
-            out.append(p if proto in ("file", "local") else f"{proto}://{p}")
-    return out
+def expand_paths(path: str | list[str], input_format: str = "auto") -> list[str]:
+    """Expand folders and globs. Returns fully qualified fsspec URLs, sorted within each pattern
+    (see ``stages.read_inputs.resolve_inputs``)."""
+    from stages.read_inputs import resolve_inputs
+
+    return [i["name"] for i in resolve_inputs(path, input_format)]
 
 
 class Read(Source):
@@ -123,14 +135,40 @@ class Read(Source):
 
     def reads_webdataset(self) -> bool:
         """True when the input is WebDataset tars (re-curation): rows then come with their images."""
-        paths = [self.config.path] if isinstance(self.config.path, str) else self.config.path
-        return all(_fmt_of(p, self.config.input_format) == "webdataset" for p in paths)
+        from stages.read_inputs import _known_format
+
+        cfg = self.config
+        if cfg.input_format != "auto":
+            return cfg.input_format == "webdataset"
+        paths = [cfg.path] if isinstance(cfg.path, str) else cfg.path
+        if all(_known_format(p) is not None for p in paths):
+            return all(_known_format(p) == "webdataset" for p in paths)
+        try:  # a folder (or a name without a known extension): look at the files it stands for
+            return all(_fmt_of(p, "auto") == "webdataset" for p in expand_paths(cfg.path))
+        except (OSError, ValueError):
+            return False  # a missing or unreadable input: check() reports it
+
+    # ---- driver side, before anything runs: a cheap look at the input --------------------------
+    def fingerprint(self) -> list[dict]:
+        """Size and version (ETag, generation or modification time) of every input file, in input
+        order: the run state records it, so a rerun on a changed input is refused."""
+        from stages.read_inputs import _fingerprint_entry, resolve_inputs
+
+        return [_fingerprint_entry(i) for i in resolve_inputs(self.config.path, self.config.input_format)]
+
+    def check(self) -> None:
+        """Check the input without reading it whole: it exists, its format is known, the configured
+        columns are there (Parquet schema, first rows or header of text files) and it has a row.
+        Raises ``stages.read_inputs.InputError`` (a ``ValueError``; one line naming the key and the file)."""
+        from stages.read_inputs import check_inputs
+
+        check_inputs(self.config)
 
     # ---- driver side: split into input shards ------------------------------------------------
     def iter_input_batches(self) -> Iterator[pa.Table]:
         """Stream the input list as tables with columns url, caption, and the additional columns."""
         cfg = self.config
-        for path in expand_paths(cfg.path):
+        for path in expand_paths(cfg.path, cfg.input_format):
             fmt = _fmt_of(path, cfg.input_format)
             if fmt == "webdataset":
                 raise ValueError("webdataset input is split per tar; iter_input_batches is for URL lists")
@@ -158,7 +196,7 @@ class Read(Source):
         Returns the row count of each shard. For webdataset input, each tar is one shard and
         ``write_shard`` receives a one-row table naming the tar."""
         cfg = self.config
-        paths = expand_paths(cfg.path)
+        paths = expand_paths(cfg.path, cfg.input_format)
         if all(_fmt_of(p, cfg.input_format) == "webdataset" for p in paths):
             counts = []
             for i, p in enumerate(paths):

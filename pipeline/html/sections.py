@@ -14,7 +14,7 @@ from pipeline.config import ReportConfig
 from pipeline.html import charts
 from pipeline.html.data import StageEntry, entry_columns, label_name, stage_status, thresholds
 from pipeline.html.markup import anchor, e, fmt_num, img, note, section, share, table
-from pipeline.report import funnel_rows
+from pipeline.report import funnel_rows, input_rows
 from pipeline.runs import RunDir
 from schemas import OK
 from schemas.row import SCORE_COLUMNS, SHARD_COL
@@ -46,26 +46,30 @@ def overview(manifest: dict, df: pl.DataFrame) -> str:
         body += note(
             f"manifest.json counts {manifest['total_rows']} rows, the Parquet files {df.height}.", "warn"
         )
+    n_in = input_rows(manifest)
+    if n_in is not None and n_in != df.height:
+        body += note(f"rows in != rows out: the input had {n_in} rows, the output has {df.height}.", "warn")
     return section("overview", "Overview", body)
 
 
 def funnel(manifest: dict, df: pl.DataFrame, order: list[str]) -> str:
     ss = stage_status(df)
-    rows = funnel_rows({"config": manifest.get("config", {}), "total_rows": df.height, "stage_status": ss})
+    rows = funnel_rows({
+        "config": manifest.get("config", {}), "total_rows": df.height, "stage_status": ss,
+        "stage_seconds": manifest.get("stage_seconds"), "stage_rows": manifest.get("stage_rows"),
+    })  # fmt: skip
     remaining = rows[-1]["out"] if rows else df.height
     for stage in ss:  # rows rejected by a stage the config does not name (should not happen)
         if stage not in order:
             n = sum(ss[stage].values())
-            rows.append({"stage": stage, "in": remaining, "rejected": ss[stage], "out": remaining - n})
+            rows.append({"stage": stage, "in": remaining, "rejected": ss[stage], "out": remaining - n,
+                         "seconds": None, "rows_per_s": None})
             remaining -= n
-    secs, nrows = manifest.get("stage_seconds", {}), manifest.get("stage_rows", {})
     table_rows = []
     for r in rows:
-        s, n = secs.get(r["stage"]), nrows.get(r["stage"])
+        s, rate = r["seconds"], r["rows_per_s"]
         rej = ", ".join(f"{k}: {v}" for k, v in sorted(r["rejected"].items())) or "-"
-        table_rows.append(
-            [r["stage"], r["in"], rej, r["out"], f"{s:.1f}" if s else "-", f"{n / s:.0f}" if s and n else "-"]
-        )
+        table_rows.append([r["stage"], r["in"], rej, r["out"], f"{s:.1f}" if s else "-", f"{rate:.0f}" if rate else "-"])
     headers = ["stage", "rows in", "rejected (status: rows)", "ok out", "busy s", "rows/s"]
     body = table(headers, table_rows, {1, 3, 4, 5})
     if manifest.get("stage_status") is not None and manifest["stage_status"] != ss:
