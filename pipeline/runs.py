@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, Pipeline
-from schemas.manifest import MANIFEST_NAME, STATE_DIR, shard_name
-from stages.io import TMP_MARK, atomic_write_bytes
+from schemas.manifest import MANIFEST_NAME, STATE_DIR, STATS_SUFFIX, shard_complete, shard_name, shard_of
+from stages.io import TMP_MARK, atomic_write_bytes, is_local, url_of
 
 
 class OutputInUse(ConfigError):
@@ -99,8 +99,7 @@ class RunDir:
             return pq.read_table(f, columns=columns)
 
     def url_of(self, path: str) -> str:
-        proto = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple | list) else self.fs.protocol
-        return path if proto in ("file", "local") else f"{proto}://{path}"
+        return url_of(self.fs, path)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def check(self, pipe: Pipeline, overwrite: bool = False, fingerprint: list[dict] | None = None) -> bool:
@@ -213,13 +212,13 @@ class RunDir:
         done = set()
         for s in range(plan.n_shards):
             n = plan.name(s)
-            if {f"{n}.tar", f"{n}.parquet", f"{n}_stats.json"} <= names:
+            if shard_complete(n, names):
                 done.add(s)
         return done
 
     def shard_stats(self) -> list[dict]:
         out = []
-        for p in sorted(self.fs.glob(_join(self.root, "*_stats.json"))):
+        for p in sorted(self.fs.glob(_join(self.root, f"*{STATS_SUFFIX}"))):
             out.append(self.read_json(p))
         return out
 
@@ -255,12 +254,12 @@ def describe_change(old: list[dict], new: list[dict]) -> str | None:
 
 
 def _is_shard_file(base: str) -> bool:
-    stem = base.split(".")[0].split("_")[0]
-    return stem.isdigit() and (base.endswith((".tar", ".parquet", "_stats.json")) or TMP_MARK in base)
+    if TMP_MARK in base:  # a shard file written under its temporary name
+        base = base.split(TMP_MARK)[0]
+    return shard_of(base) is not None
 
 
 def local_path(url: str) -> str | None:
     """The local filesystem path of ``url``, or None for remote filesystems."""
     fs, p = fsspec.core.url_to_fs(url)
-    proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
-    return os.path.abspath(p) if proto in ("file", "local") else None
+    return os.path.abspath(p) if is_local(fs) else None

@@ -37,17 +37,17 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from schemas import OK, conform
+from schemas.members import IMAGE_EXTS, split_member
 from schemas.row import FILLED_LATER, SHARD_COL
 from schemas.row import SHARD_SPEC_SCHEMA as SPEC_SCHEMA  # noqa: F401 - re-exported
-from stages.base import Resources, RoleConfig
+from stages.base import Resources, RoleConfig, path_field
 from stages.roles import Source
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class ReadConfig(RoleConfig):
-    path: str | list[str] = Field(
+    path: str | list[str] = path_field(
         description="A file, folder or glob, or a list of them; any fsspec path (`s3://...`, `file://...`). "
         "A folder is read as its files of the format, sorted by name (names starting with `.` or `_` skipped)."
     )
@@ -248,8 +248,7 @@ class Read(Source):
                 name = sanitize_member_name(m.name)
                 if name is None:
                     continue
-                base = posixpath.basename(name)
-                key, _, ext = base.partition(".")
+                key, ext = split_member(name)
                 if not key or not ext:
                     continue
                 if key not in samples:

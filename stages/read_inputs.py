@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from stages.io import url_of
 from stages.read import FORMATS, ReadConfig, _fmt_of
 
 INSPECT_BYTES = 1 << 20  # text formats: what the check reads of each file, at most (plus one line)
@@ -63,10 +64,9 @@ def resolve_inputs(path: str | list[str], input_format: str = "auto") -> list[di
     out: list[dict] = []
     for pat in [path] if isinstance(path, str) else path:
         fs, token = fsspec.core.url_to_fs(pat)
-        proto = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
 
-        def qualified(p: str, proto=proto) -> str:
-            return p if proto in ("file", "local") else f"{proto}://{p}"
+        def qualified(p: str, fs=fs) -> str:
+            return url_of(fs, p)
 
         if _has_magic(pat):
             found = fs.glob(token, detail=True)
