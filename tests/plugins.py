@@ -72,11 +72,15 @@ class BrokenConfig(StageConfig):
 
 class Broken(Stage):
     """Raises on rows whose key starts with ``fail_shard_prefix`` (every ``fail_every``-th of them),
-    while the environment variable ``CLIPCURATE_TEST_BROKEN`` is set: unset, it is 'fixed'."""
+    while the environment variable ``CLIPCURATE_TEST_BROKEN`` is set: unset, it is 'fixed'. Runs as
+    an actor pool, as model-bearing stages do."""
 
     name = "broken"
     Config = BrokenConfig
     requires = ("caption",)
+
+    def resources(self) -> Resources:
+        return Resources(num_cpus=0.5, concurrency=1, actor=True)
 
     def process(self, batch: pa.Table) -> pa.Table:
         if os.environ.get(BROKEN_ENV):
