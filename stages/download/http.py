@@ -73,24 +73,18 @@ def short(e: BaseException) -> str:
 
 def network_error(e: BaseException, http_status: int | None = None) -> DownloadError:
     """A urllib3/socket error as a retryable ``DownloadError`` with its class tag."""
-    from urllib3.exceptions import (
-        NameResolutionError,
-        NewConnectionError,
-        ProtocolError,
-        SSLError,
-    )
-    from urllib3.exceptions import (
-        TimeoutError as U3Timeout,
-    )
+    from urllib3.exceptions import NameResolutionError, NewConnectionError, ProtocolError, SSLError
+    from urllib3.exceptions import TimeoutError as U3Timeout
 
-    if isinstance(e, U3Timeout | TimeoutError):
-        reason, kind = short(e), "timeout"  # ConnectTimeout: ... / ReadTimeout: ...
-    elif isinstance(e, NameResolutionError):
+    # urllib3's NewConnectionError (and so NameResolutionError) subclasses ConnectTimeoutError
+    if isinstance(e, NameResolutionError):
         reason, kind = "dns: " + short(e), "dns"
-    elif isinstance(e, SSLError):
-        reason, kind = "tls: " + short(e), None
     elif isinstance(e, NewConnectionError | ConnectionRefusedError):
         reason, kind = "connect: " + short(e), "connect"
+    elif isinstance(e, U3Timeout | TimeoutError):
+        reason, kind = short(e), "timeout"  # ConnectTimeout: ... / ReadTimeout: ...
+    elif isinstance(e, SSLError):
+        reason, kind = "tls: " + short(e), None
     elif isinstance(e, ProtocolError | ConnectionError):
         reason, kind = "reset: " + short(e), "reset"
     else:
