@@ -41,7 +41,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_REASON_ROWS = 30
 GROUND_TRUTH = "is_mismatched"  # the demo world's generator truth (string "true"/"false" after read)
 # The only columns read from the shard Parquet (big runs have many more, e.g. embeddings).
-REPORT_COLUMNS = ("key", "caption", "status", "reason", "rejected_by", "clip_score", "caption_rewrites",
+REPORT_COLUMNS = ("key", "url", "caption", "status", "reason", "rejected_by", "clip_score", "caption_rewrites",
                   "metaclip_entries", "thumbnail", GROUND_TRUTH, "true_colour", "true_shape")  # fmt: skip
 # rejected statuses in the funnel plot (matplotlib's tab10 without its green, which means "kept")
 STATUS_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
@@ -510,12 +510,34 @@ def section_download(manifest: dict, df: pl.DataFrame) -> str:
     by_status = failed.group_by("status").len().sort(["len", "status"], descending=[True, False])
     body = f"<p>{failed.height} of {df.height} rows failed to download ({failed.height / df.height:.1%}).</p>"
     body += _table(["status", "rows"], [list(r) for r in by_status.iter_rows()], {1})
+    body += _failures_by_class_and_host(failed)
     body += "<h3>Reasons</h3>" + _table(
         ["status", "reason", "rows"], [list(r) for r in by_reason.head(MAX_REASON_ROWS).iter_rows()], {2}
     )
     if by_reason.height > MAX_REASON_ROWS:
         body += f'<p class="note">{by_reason.height - MAX_REASON_ROWS} more distinct reasons not shown.</p>'
     return _section("download-failures", title, body)
+
+
+def _failures_by_class_and_host(failed: pl.DataFrame) -> str:
+    """Failures per class (the reason's first word, ``HTTP NNN`` kept whole) and per host of ``url``,
+    so a user sees whether a low success rate is theirs or the web's."""
+    cls = pl.col("reason").fill_null("").str.extract(r"^(HTTP \d+|\S+)", 1).str.strip_chars_end(":")
+    by_class = failed.group_by(["status", cls.alias("class")]).len()
+    by_class = by_class.sort(["len", "status", "class"], descending=[True, False, False])
+    body = "<h3>By class</h3>" + _table(
+        ["status", "class", "rows"], [list(r) for r in by_class.head(MAX_REASON_ROWS).iter_rows()], {2}
+    )
+    if "url" in failed.columns:
+        host = (
+            pl.col("url").fill_null("").str.extract(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^@/?#]*@)?([^/?#]+)", 1)
+        )
+        by_host = failed.group_by(host.fill_null("(no host)").alias("host")).len()
+        by_host = by_host.sort(["len", "host"], descending=[True, False]).head(MAX_REASON_ROWS)
+        body += f"<h3>By host (top {MAX_REASON_ROWS})</h3>" + _table(
+            ["host", "rows"], [list(r) for r in by_host.iter_rows()], {1}
+        )
+    return body
 
 
 def section_metadata(manifest: dict) -> str:
