@@ -207,7 +207,9 @@ class Stage:
         except Exception:
             if chunk.num_rows == 1:
                 return self._error_row(chunk, out_cols)
-            log.warning("stage %s raised on a batch of %d rows; retrying row by row", self.name, chunk.num_rows)
+            log.warning(
+                "stage %s raised on a batch of %d rows; retrying row by row", self.name, chunk.num_rows
+            )
             rows = []
             for i in range(chunk.num_rows):
                 one = chunk.slice(i, 1)

@@ -133,6 +133,14 @@ def test_a_host_that_drips_forever_costs_at_most_total_timeout(dials):
     assert elapsed < 60  # sanity bound only (the drip alone would take 120 s)
 
 
+def test_min_body_rate_cuts_a_drip_short(dials):
+    with WebSim([HostSpec("drip", drip_interval=0.2, **FAST)], IMAGES, max_drip=120) as sim:
+        out = run(
+            [sim.url("drip", "/drip/1.jpg", names=True)], timeout=1, total_timeout=60, min_body_rate=1000
+        )
+    assert out.column("reason")[0].as_py().startswith("Timeout: body slower than min_body_rate 1000 B/s (")
+
+
 def test_no_head_of_line_blocking_across_micro_batches(dials):
     """A URL that hangs in the first micro-batch does not hold back the rows behind it: the server
     received every other request while the hanging one was still open."""

@@ -96,7 +96,8 @@ class DownloadConfig(StageConfig):
     )
     # opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1
     respect_tdm_reservation: bool = Field(
-        False, description="opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1"
+        False,
+        description="opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1",
     )
     # --- concurrency and politeness ---
     # requests in flight per worker, across micro-batches (img2dataset: 256)
@@ -121,6 +122,13 @@ class DownloadConfig(StageConfig):
     # seconds before an open breaker lets one URL probe the host again
     breaker_cooldown: float = Field(
         30, ge=0, description="seconds before an open breaker lets one URL probe the host again"
+    )
+    # abort a body that arrives slower than this many bytes/s on average once `timeout` seconds have passed (a slow drip); 0: off
+    min_body_rate: float = Field(
+        0,
+        ge=0,
+        description="abort a body that arrives slower than this many bytes/s on average once `timeout` "
+        "seconds have passed (a slow drip); 0: off",
     )
     # per-worker DNS cache lifetime (the guard still checks every dial)
     dns_cache_seconds: float = Field(

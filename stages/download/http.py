@@ -202,9 +202,13 @@ class Fetcher:
                 seen.add(nxt)
                 url = nxt
                 continue
+            reading = False
             try:
                 if any_status:
-                    return Fetched(data=self._read_body(resp, deadline, cap), http_status=code)
+                    reading = True
+                    data = self._read_body(resp, deadline, cap)
+                    resp.release_conn()
+                    return Fetched(data=data, http_status=code)
                 if not 200 <= code < 300:  # urllib's rule, as img2dataset sees it
                     raise self._http_error(url, resp)
                 if check_optout:
@@ -212,9 +216,10 @@ class Fetcher:
                     if why:
                         _discard(resp)
                         return Fetched(http_status=code, status=Status.OPTED_OUT.value, reason=why)
+                reading = True
                 data = self._read_body(resp, deadline, cap)
             except BaseException:
-                _discard(resp)
+                _discard(resp, drain=not reading)
                 raise
             resp.release_conn()
             return Fetched(data=data, http_status=code)
@@ -280,8 +285,17 @@ class Fetcher:
             )
         buf = bytearray()
         sock = getattr(getattr(resp, "connection", None), "sock", None)
+        floor, began = self.cfg.min_body_rate, time.monotonic()
         try:
             while True:
+                spent = time.monotonic() - began
+                if floor and spent > self.cfg.timeout and len(buf) < floor * spent:
+                    raise DownloadError(
+                        f"Timeout: body slower than min_body_rate {floor:g} B/s ({len(buf)} bytes in {spent:.0f}s)",
+                        retryable=True,
+                        http_status=resp.status,
+                        kind="timeout",
+                    )
                 left = deadline - time.monotonic()
                 if sock is not None and left > 0:  # a read never outlives the deadline
                     sock.settimeout(min(self.cfg.timeout, left + 0.05))
@@ -320,15 +334,26 @@ def _origin(url: str) -> str:
     return f"{scheme}://{key[: -len(default)] if key.endswith(default) else key}"
 
 
-def _discard(resp) -> None:
-    """Free a response we do not read: drain a small body to keep the connection, else drop it."""
+def _discard(resp, drain: bool = True) -> None:
+    """Free a response we do not read: drain a small body (at most 1 s) to keep the connection,
+    else drop the connection (always after a failed body read: never wait on a slow body)."""
     try:
         length = resp.headers.get("Content-Length")
-        if length is not None and length.strip().isdigit() and int(length) <= 65536:
-            resp.drain_conn()
-            resp.release_conn()
-        else:
+        small = length is not None and length.strip().isdigit() and int(length) <= 65536
+        if drain and small:
+            sock = getattr(getattr(resp, "connection", None), "sock", None)
+            end = time.monotonic() + 1.0
+            while time.monotonic() < end:
+                if sock is not None:
+                    sock.settimeout(max(0.01, end - time.monotonic()))
+                if not resp.read1(65536):
+                    resp.release_conn()
+                    return
+        resp.close()
+        resp.release_conn()
+    except Exception:  # noqa: BLE001 - best effort; the connection is dropped anyway
+        try:
             resp.close()
             resp.release_conn()
-    except Exception:  # noqa: BLE001 - best effort; the connection is dropped anyway
-        pass
+        except Exception:  # noqa: BLE001
+            pass

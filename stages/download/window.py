@@ -7,7 +7,8 @@ and never the rows behind it, and up to ``thread_count`` requests stay in flight
 micro-batch boundaries. Rules, all per host (``host:port``):
 
 * at most ``max_per_host`` requests in flight (the connection pool holds as many keep-alive
-  connections, so a redirect to another host is capped there too);
+  connections, so a redirect to another host is capped there too); a 429 or 503 halves the
+  host's cap, and each success regrows it by 1/cap, up to ``max_per_host`` again;
 * a 429/503 with ``Retry-After`` pauses the host; the URL is fetched again after the wait if the
   wait is at most ``max_retry_after`` and ends before the URL's ``total_timeout`` deadline (up to
   3 waits), else it ends ``rate_limited: ...``. No thread sleeps through a wait;
@@ -59,6 +60,7 @@ class _Host:
     last_failure: str = ""
     open_until: float | None = None  # breaker open (None: closed)
     probing: bool = False
+    cap: float = 0.0  # current cap: max_per_host, halved on 503/429, regrown by one per cap successes
 
 
 class Session:
@@ -127,10 +129,10 @@ class Window:
                 key = host_key(url)
                 h = self.hosts.get(key)
                 if h is None:
-                    h = self.hosts[key] = _Host(key)
+                    h = self.hosts[key] = _Host(key, cap=float(self.cap))
                 h.pending.append(_Job(pos, url, key, next(self.seq), session))
                 self._queue(h)
-            self.cv.notify_all()
+            self.cv.notify(min(len(jobs), len(self.threads)))
 
     def forget(self, session: Session) -> None:
         with self.cv:
@@ -147,7 +149,7 @@ class Window:
 
     def _queue(self, h: _Host) -> None:
         """Put ``h`` in a heap if it has waiting URLs and room (caller holds the lock)."""
-        if h.queued or not h.pending or h.inflight >= self.cap or h.probing:
+        if h.queued or not h.pending or h.inflight >= int(h.cap) or h.probing:
             return
         h.queued = True
         if h.not_before > time.monotonic():
@@ -169,7 +171,7 @@ class Window:
                     _, key = heapq.heappop(self.ready)
                     h = self.hosts[key]
                     h.queued = False
-                    if not h.pending or h.inflight >= self.cap or h.probing:
+                    if not h.pending or h.inflight >= int(h.cap) or h.probing:
                         continue
                     if h.not_before > now:
                         self._queue(h)
@@ -178,12 +180,16 @@ class Window:
                     if h.open_until is not None:
                         if now < h.open_until:
                             self._queue(h)
+                            if self.ready:
+                                self.cv.notify()
                             return job, False
                         h.probing = job.probe = True  # half-open: this one URL probes the host
                     h.inflight += 1
                     if job.deadline is None:
                         job.deadline = now + self.fetcher.total_timeout
                     self._queue(h)
+                    if self.ready:
+                        self.cv.notify()  # wake one more thread for the next ready host
                     return job, True
                 self.cv.wait(self.delayed[0][0] - now if self.delayed else None)
         return None
@@ -238,6 +244,10 @@ class Window:
                         h.open_until = now + cfg.breaker_cooldown
                 elif got.status != Status.INVALID_URL.value:
                     h.fails, h.open_until = 0, None  # the host answered
+                if got.http_status in (429, 503):  # the host says it is overloaded: back off
+                    h.cap = max(1.0, h.cap / 2)
+                elif got.http_status is not None and got.http_status < 400:
+                    h.cap = min(float(self.cap), h.cap + 1 / h.cap)
                 if got.retry_after is not None:
                     wait = got.retry_after
                     h.not_before = max(h.not_before, now + min(wait, cfg.max_retry_after))
@@ -250,7 +260,7 @@ class Window:
                         job.rate_waits += 1
                         h.pending.appendleft(job)
                         self._queue(h)
-                        self.cv.notify_all()
+                        self.cv.notify()
                         return None
                     if got.reason and got.reason.startswith("rate_limited"):
                         why = (
@@ -262,5 +272,5 @@ class Window:
                         )
                         got.reason = f"{got.reason[:-1]}, {why})"
             self._queue(h)
-            self.cv.notify_all()
+            self.cv.notify()
         return got
