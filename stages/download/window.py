@@ -7,8 +7,9 @@ and never the rows behind it, and up to ``thread_count`` requests stay in flight
 micro-batch boundaries. Rules, all per host (``host:port``):
 
 * at most ``max_per_host`` requests in flight (the connection pool holds as many keep-alive
-  connections, so a redirect to another host is capped there too); a 429 or 503 halves the
-  host's cap, and each success regrows it by 1/cap, up to ``max_per_host`` again;
+  connections, so a redirect to another host is capped there too); a 429 or 503 lowers the
+  host's cap below the number of requests it had in flight then (regrowing by one per quiet
+  minute);
 * a 429/503 with ``Retry-After`` pauses the host; the URL is fetched again after the wait if the
   wait is at most ``max_retry_after`` and ends before the URL's ``total_timeout`` deadline (up to
   3 waits), else it ends ``rate_limited: ...``. No thread sleeps through a wait;
@@ -60,7 +61,9 @@ class _Host:
     last_failure: str = ""
     open_until: float | None = None  # breaker open (None: closed)
     probing: bool = False
-    cap: float = 0.0  # current cap: max_per_host, halved on 503/429, regrown by one per cap successes
+    cap: float = 0.0  # current cap, at most ceiling; regrows by one per cap successes
+    ceiling: float = 0.0  # max_per_host, lowered below the concurrency at which the host said 429/503
+    lowered_at: float = 0.0  # when the ceiling last moved (it regrows by one per quiet minute)
 
 
 class Session:
@@ -129,7 +132,7 @@ class Window:
                 key = host_key(url)
                 h = self.hosts.get(key)
                 if h is None:
-                    h = self.hosts[key] = _Host(key, cap=float(self.cap))
+                    h = self.hosts[key] = _Host(key, cap=float(self.cap), ceiling=float(self.cap))
                 h.pending.append(_Job(pos, url, key, next(self.seq), session))
                 self._queue(h)
             self.cv.notify(min(len(jobs), len(self.threads)))
@@ -244,10 +247,13 @@ class Window:
                         h.open_until = now + cfg.breaker_cooldown
                 elif got.status != Status.INVALID_URL.value:
                     h.fails, h.open_until = 0, None  # the host answered
-                if got.http_status in (429, 503):  # the host says it is overloaded: back off
-                    h.cap = max(1.0, h.cap / 2)
+                if got.http_status in (429, 503):  # overloaded at h.inflight + 1 requests: stay below
+                    h.ceiling = max(1.0, min(h.ceiling, float(h.inflight)))
+                    h.cap, h.lowered_at = min(h.cap, h.ceiling), now
                 elif got.http_status is not None and got.http_status < 400:
-                    h.cap = min(float(self.cap), h.cap + 1 / h.cap)
+                    if h.ceiling < self.cap and now - h.lowered_at > 60:
+                        h.ceiling, h.lowered_at = h.ceiling + 1, now
+                    h.cap = min(h.ceiling, h.cap + 1 / h.cap)
                 if got.retry_after is not None:
                     wait = got.retry_after
                     h.not_before = max(h.not_before, now + min(wait, cfg.max_retry_after))
