@@ -91,8 +91,8 @@ def address_kind(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
 
 
 class DnsCache:
-    """Per-worker DNS cache (answers and failures, ``ttl`` seconds). It only saves lookups: the
-    policy is checked on every dial, whatever the cache returned."""
+    """Per-worker DNS cache (answers for ``ttl`` seconds, failures for at most 30 s). It only saves
+    lookups: the policy is checked on every dial, whatever the cache returned."""
 
     def __init__(self, ttl: float):
         self.ttl = ttl
@@ -109,10 +109,11 @@ class DnsCache:
                 got: list[str] | OSError = self._resolve(host, port)
             except OSError as e:
                 got = e
+            ttl = self.ttl if not isinstance(got, OSError) else min(self.ttl, 30.0)  # failures: 30 s at most
             with self._lock:
                 self.lookups += 1
-                if self.ttl > 0:
-                    self._cache[host] = (now + self.ttl, got)
+                if ttl > 0:
+                    self._cache[host] = (now + ttl, got)
         else:
             got = hit[1]
         if isinstance(got, OSError):

@@ -73,6 +73,7 @@ class Session:
         self.window = window
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.cancelled = False
+        self.lock = threading.Lock()
         self.outstanding = 0
         jobs = []
         for pos, url in enumerate(urls):
@@ -93,9 +94,18 @@ class Session:
             self.window.room.release()
         return pos, got
 
+    def deliver(self, pos: int, got: Fetched) -> None:
+        """A worker's result (it holds one ``room`` permit, released by ``get`` or here)."""
+        with self.lock:
+            if not self.cancelled:
+                self.q.put((pos, got, True))
+                return
+        self.window.room.release()
+
     def cancel(self) -> None:
         """Drop the URLs not started yet; results still arriving are discarded."""
-        self.cancelled = True
+        with self.lock:
+            self.cancelled = True
         self.window.forget(self)
         while True:
             try:
@@ -205,29 +215,35 @@ class Window:
             if nxt is None:
                 return
             job, fetch = nxt
-            if job.session.cancelled:
-                self._done(job, None, fetch)
-                self.room.release()
-                continue
-            if not fetch:
-                h = self.hosts[job.host]
-                got = Fetched(
-                    status=Status.DOWNLOAD_FAILED.value,
-                    reason=f"breaker: host {job.host} not tried after {h.fails} consecutive failures "
-                    f"(last: {h.last_failure})"[:300],
-                )
-            else:
-                try:
-                    got = self.fetcher.fetch(job.url, job.deadline)
-                except Exception as e:  # noqa: BLE001 - a bug is this row's failure, not the worker's
-                    from stages.download.http import short
+            try:
+                got = self._run(job, fetch)
+            except Exception as e:  # noqa: BLE001 - never lose a row: a bug here is this row's failure
+                from stages.download.http import short
 
-                    got = Fetched(status=Status.DOWNLOAD_FAILED.value, reason=short(e))
-            got = self._done(job, got, fetch)
-            if got is None or job.session.cancelled:
-                self.room.release()  # waiting for Retry-After, or nobody wants it
+                got = Fetched(status=Status.DOWNLOAD_FAILED.value, reason=short(e))
+            if got is None:
+                self.room.release()  # waiting for Retry-After
             else:
-                job.session.q.put((job.pos, got, True))
+                job.session.deliver(job.pos, got)
+
+    def _run(self, job: _Job, fetch: bool) -> Fetched | None:
+        if job.session.cancelled:
+            self._done(job, None, fetch)
+            return Fetched(status=Status.DOWNLOAD_FAILED.value, reason="cancelled")
+        if not fetch:
+            h = self.hosts[job.host]
+            return Fetched(
+                status=Status.DOWNLOAD_FAILED.value,
+                reason=f"breaker: host {job.host} not tried after {h.fails} consecutive failures "
+                f"(last: {h.last_failure})"[:300],
+            )
+        try:
+            got = self.fetcher.fetch(job.url, job.deadline)
+        except Exception as e:  # noqa: BLE001 - a bug is this row's failure, not the worker's
+            from stages.download.http import short
+
+            got = Fetched(status=Status.DOWNLOAD_FAILED.value, reason=short(e))
+        return self._done(job, got, fetch)
 
     def _done(self, job: _Job, got: Fetched | None, fetched: bool) -> Fetched | None:
         """Host bookkeeping after a job; returns the result, or None if the job was requeued."""
