@@ -108,6 +108,12 @@ class Download(Stage):
     fills = ("image", "width", "height", "original_width", "original_height", "sha256")
     _extra_hash_columns: ClassVar[tuple[str, ...]] = ("md5", "sha512")
 
+    def required_columns(self) -> tuple[str, ...]:
+        """``url`` plus the configured ``bbox_col`` and ``verify_hash`` column (main's plan check)."""
+        cfg = self.config
+        extra = [c for c in (cfg.bbox_col, cfg.verify_hash[0] if cfg.verify_hash else None) if c]
+        return (*self.requires, *extra)
+
     def resources(self) -> Resources:
         return Resources(
             num_cpus=1, concurrency=self.config.concurrency, batch_size=self.config.batch_size, actor=True
