@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-cluster lint install clean bench-match bench-download bench-scale train-demo-models
+.PHONY: demo test test-fast test-cluster lint install clean bench-match bench-download bench-download-web bench-scale train-demo-models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,9 @@ bench-match: $(STAMP)
 
 bench-download: $(STAMP)
 	$(BIN)/python bench/download.py
+
+bench-download-web: $(STAMP)
+	$(BIN)/python bench/download_web.py
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py

@@ -185,7 +185,7 @@ def _ours_shard(shard: int, urls: list[str], out: str, threads: int, barrier=Non
 
     from stages.download import Download
 
-    stage = Download(dict(allow_private_networks=True, thread_count=threads, timeout=10, **RESIZE))
+    stage = Download(dict(allowed_networks=["127.0.0.0/8"], thread_count=threads, timeout=10, **RESIZE))
     stage.setup()
     table = pa.table(
         {"key": [f"{shard:05d}{i:04d}" for i in range(len(urls))], "url": urls, "status": ["ok"] * len(urls)}

@@ -78,14 +78,21 @@ class ClipScore(Stage):
     def resources(self) -> Resources:
         c = self.config
         return Resources(
-            num_cpus=c.num_cpus, num_gpus=c.num_gpus, concurrency=c.concurrency, batch_size=c.batch_size, actor=True
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+            concurrency=c.concurrency,
+            batch_size=c.batch_size,
+            actor=True,
         )
 
     def extra_produces(self):
         if self.config.embeddings:
             from schemas.row import STAGE_FIELDS
 
-            return {"image_embedding": STAGE_FIELDS["image_embedding"], "text_embedding": STAGE_FIELDS["text_embedding"]}
+            return {
+                "image_embedding": STAGE_FIELDS["image_embedding"],
+                "text_embedding": STAGE_FIELDS["text_embedding"],
+            }
         return {}
 
     def model_info(self) -> dict:
@@ -197,7 +204,9 @@ class ClipScore(Stage):
                 for k, i in enumerate(idx):
                     img_emb[i] = ie16[k]
                     txt_emb[i] = te16[k]
-        out = replace_column(batch, "clip_score", pa.array(np.where(np.isnan(scores), None, scores), pa.float32()))
+        out = replace_column(
+            batch, "clip_score", pa.array(np.where(np.isnan(scores), None, scores), pa.float32())
+        )
         if c.embeddings:
             out = replace_column(out, "image_embedding", [None if e is None else e.tolist() for e in img_emb])
             out = replace_column(out, "text_embedding", [None if e is None else e.tolist() for e in txt_emb])

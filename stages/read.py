@@ -106,7 +106,9 @@ def _fmt_of(path: str, declared: str) -> str:
     ):
         if p.endswith(ext):
             return fmt
-    raise ValueError(f"cannot infer input_format of {path!r}; set input_format to one of {', '.join(FORMATS[1:])}")
+    raise ValueError(
+        f"cannot infer input_format of {path!r}; set input_format to one of {', '.join(FORMATS[1:])}"
+    )
 
 
 def expand_paths(path: str | list[str], input_format: str = "auto") -> list[str]:
@@ -177,17 +179,25 @@ class Read(Source):
     def _select(self, t: pa.Table, path: str) -> pa.Table:
         cfg = self.config
         cols = {}
-        missing = [c for c in [cfg.url_col, cfg.caption_col, *cfg.save_additional_columns] if c and c not in t.column_names]
+        missing = [
+            c
+            for c in [cfg.url_col, cfg.caption_col, *cfg.save_additional_columns]
+            if c and c not in t.column_names
+        ]
         if missing:
             raise ValueError(f"{path}: column(s) {missing} not found; columns are {t.column_names}")
         cols["url"] = t.column(cfg.url_col).cast(pa.string())
         cols["caption"] = (
-            t.column(cfg.caption_col).cast(pa.string()) if cfg.caption_col else pa.nulls(t.num_rows, pa.string())
+            t.column(cfg.caption_col).cast(pa.string())
+            if cfg.caption_col
+            else pa.nulls(t.num_rows, pa.string())
         )
         for c in cfg.save_additional_columns:
             col = t.column(c)
             if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-                col = pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
+                col = pa.array(
+                    [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string()
+                )
             cols[c] = col.cast(pa.string())
         return pa.table(cols)
 

@@ -76,7 +76,9 @@ class Write(Sink):
         meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS]
         meta = ok.select(meta_cols).to_pylist()
         images = ok.column("image").to_pylist()
-        rewrites = ok.column("caption_rewrites").to_pylist() if "caption_rewrites" in ok.column_names else None
+        rewrites = (
+            ok.column("caption_rewrites").to_pylist() if "caption_rewrites" in ok.column_names else None
+        )
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for i, m in enumerate(meta):

@@ -16,7 +16,7 @@ name: t
 output: {out}
 stages:
   - read: {{path: urls.parquet}}
-  - download: {{image_size: 64, allow_private_networks: true}}
+  - download: {{image_size: 64, allowed_networks: ["127.0.0.0/8"]}}
   - clip_score: {{model: local-dir:demo/assets/toy_clip, min_score: 0.2}}
   - write: {{}}
 """

@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 TOY_CLIP = "local-dir:" + str(REPO / "demo" / "assets" / "toy_clip")
 CONFIGS = {
-    "download": {"image_size": 64, "resize_mode": "border", "allow_private_networks": True, "timeout": 5},
+    "download": {"image_size": 64, "resize_mode": "border", "allowed_networks": ["127.0.0.0/8"], "timeout": 5},
     "basic_filter": {"min_image_side": 32},
     "dedup": {},
     "clip_score": {"model": TOY_CLIP, "batch_size": 16},
