@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 
 # A two-node Ray cluster on this machine + an S3-compatible server (moto) on 127.0.0.1; ~3 minutes.
 test-cluster: $(STAMP)
-	CLIPCURATE_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q tests/test_cluster.py -k two_node
+	CLIPCURATE_CLUSTER_TESTS=1 $(BIN)/python -m pytest -q tests/pipeline/test_cluster.py -k two_node
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

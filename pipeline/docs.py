@@ -3,7 +3,7 @@ and of each stage, with its default and its ``Field(description=...)`` (else the
 the source); a tagged union (a key with ``Field(discriminator=...)``) gets one sub-table per member;
 keys that name local paths are marked (resolved by ``pipeline.paths``). ``python -m pipeline.docs`` prints it;
 ``python -m pipeline.docs --write`` replaces the block between the markers in README.md, and
-``tests/test_docs.py`` checks that README.md is up to date."""
+``tests/pipeline/test_docs.py`` checks that README.md is up to date."""
 
 from __future__ import annotations
 

@@ -294,7 +294,7 @@ def _manifest(input_rows: int, total_rows: int) -> dict:
 
 
 def _summary(manifest: dict) -> tuple[dict[str, list[str]], str]:
-    from tests.test_report import parse_summary
+    from test_report import parse_summary
 
     buf = io.StringIO()
     report.print_summary(manifest, file=buf)

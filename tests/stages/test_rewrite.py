@@ -32,7 +32,7 @@ from stages.rewrite import (
     load_bank,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TOY_LM = REPO / "demo" / "assets" / "toy_lm"
 N_ROWS = 24
 TOY = {"type": "transformers", "model": "demo/assets/toy_lm"}  # the engine most tests use
@@ -381,7 +381,10 @@ def test_openai_engine_with_retries(world_table, flaky_server, monkeypatch):
     monkeypatch.setenv("REWRITE_TEST_API_KEY", "test-key-1")
     table, pairs = world_table
     stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": flaky_server.base_url,
-                         "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.01, "request_concurrency": 4}))  # fmt: skip
+                         "api_key_env": "REWRITE_TEST_API_KEY", "http_backoff_s": 0.01, "request_concurrency": 4,
+                         # every 4th POST fails, shared by 4 threads: under load one request can land on
+                         # several multiples of 4 in a row, so give it more attempts than the default 5
+                         "http_retries": 20}))  # fmt: skip
     before = dict(flaky_server.statuses())
     out = stage(table)
     check_world_rewrites(out, pairs, 4)

@@ -163,7 +163,7 @@ def test_config_errors():
 def test_datacomp_workflow_validates():
     pytest.importorskip("stages.clip_score")
     pytest.importorskip("stages.download")
-    path = Path(__file__).resolve().parent.parent / "workflows" / "datacomp_clip.yaml"
+    path = Path(__file__).resolve().parents[2] / "workflows" / "datacomp_clip.yaml"
     from pipeline.config import load
 
     p = load(path)

@@ -33,7 +33,7 @@ from stages.balance import (
 )
 from tests.shared_data import shared_data_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def literal_match(text: str | None, entries: list[str]) -> list[int]:

@@ -29,7 +29,7 @@ from pipeline import html as report_html
 from pipeline import report
 from schemas import OK
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run: apt-get install -y chromium)"
@@ -348,7 +348,7 @@ def test_failure_sections_follow_the_image_filling_declaration(tmp_path, monkeyp
 def test_html_package_names_no_stage_and_stays_small():
     """tests/test_layout.py's two rules, for the report's package alone."""
     from pipeline import registry
-    from tests.test_layout import ENGINE_NAMES, _strings_and_names
+    from test_layout import ENGINE_NAMES, _strings_and_names
 
     words = set(registry.names()) | set(ENGINE_NAMES)
     files = sorted((REPO / "pipeline" / "html").glob("*.py"))

@@ -13,7 +13,7 @@ from schemas import STAGE_FIELDS
 from schemas.row import known_columns
 from stages.base import Stage, StageConfig
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _imports(path: Path) -> set[str]:

@@ -33,7 +33,7 @@ import pytest
 
 from tests.conftest import RAY_CLI, demo_pipeline, free_port, tar_samples
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not RAY_CLI.exists(), reason=f"the ray CLI is missing ({RAY_CLI})")
 WORLD_N = 60  # a small world: three shards of 20
 SETS = ["samples_per_shard=20", "ray.show_progress=false"]

@@ -44,7 +44,7 @@ import pytest
 
 from tests.conftest import RAY_CLI, free_port, tar_samples
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUCKET = "clipcurate"
 CLUSTER_ENV = "CLIPCURATE_CLUSTER_TESTS"  # "1": run the two-node test (make test-cluster)
 PIPELINE_ACTOR = "MapWorker(MapBatches(_StageActor))"  # Ray Data's name for a stage's actor
