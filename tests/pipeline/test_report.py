@@ -347,8 +347,9 @@ def test_failure_sections_follow_the_image_filling_declaration(tmp_path, monkeyp
 
 def test_html_package_names_no_stage_and_stays_small():
     """tests/test_layout.py's two rules, for the report's package alone."""
-    from pipeline import registry
     from test_layout import ENGINE_NAMES, _strings_and_names
+
+    from pipeline import registry
 
     words = set(registry.names()) | set(ENGINE_NAMES)
     files = sorted((REPO / "pipeline" / "html").glob("*.py"))
