@@ -110,6 +110,13 @@ class ComputeConfig(StageConfig):
     )
 
 
+def make_config(cls: type[RoleConfig], config: RoleConfig | dict | None) -> RoleConfig:
+    """``config`` as an instance of ``cls`` (None: the defaults; a dict: validated)."""
+    if config is None:
+        return cls()
+    return cls(**config) if isinstance(config, dict) else config
+
+
 class StageFailed(RuntimeError):
     """An error that is not a row's: the run fails, with this one-line message naming the stage."""
 
@@ -159,42 +166,20 @@ def _max_rows(n: int) -> int:
     return max(1, n)
 
 
-class Stage:
+class Declared:
+    """What every entry of a pipeline declares, stages, sources and sinks alike: the planner and the
+    executor read only these."""
+
     name: ClassVar[str] = ""
-    Config: ClassVar[type[StageConfig]] = StageConfig
+    Config: ClassVar[type[RoleConfig]] = RoleConfig
     requires: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
-    fills: ClassVar[tuple[str, ...]] = ()  # base columns (schemas.row.FILLED_LATER) this stage fills
+    fills: ClassVar[tuple[str, ...]] = ()  # base columns (schemas.row.FILLED_LATER) this entry fills
     is_global: ClassVar[bool] = False
-    fit_columns: ClassVar[tuple[str, ...]] = ()
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        # Make every subclass's setup() idempotent: calling it by hand and then calling the stage
-        # (which also ensures setup) loads the model once.
-        if "setup" in cls.__dict__:
-            inner = cls.__dict__["setup"]
-
-            def setup(self, _inner=inner):
-                if getattr(self, "_setup_done", False):
-                    return
-                _inner(self)
-                self._setup_done = True
-
-            setup.__doc__ = inner.__doc__
-            cls.setup = setup
-
-    def __init__(self, config: StageConfig | dict | None = None):
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config(**config)
-        self.config = config
+    def __init__(self, config: RoleConfig | dict | None = None):
+        self.config = make_config(self.Config, config)
         self._setup_done = False
-
-    # ---- declared behaviour -------------------------------------------------------------
-    def resources(self) -> Resources:
-        return Resources()
 
     def required_columns(self) -> tuple[str, ...]:
         """Columns this configured stage reads: ``requires`` plus config-dependent ones."""
@@ -222,6 +207,33 @@ class Stage:
         """Names and tags of models (and prompts) this stage uses, for the manifest."""
         return {}
 
+    def teardown(self) -> None:
+        """Release what ``setup`` opened (sessions, pools). Called once when the worker ends."""
+
+
+class Stage(Declared):
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    fit_columns: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Make every subclass's setup() idempotent: calling it by hand and then calling the stage
+        # (which also ensures setup) loads the model once.
+        if "setup" in cls.__dict__:
+            inner = cls.__dict__["setup"]
+
+            def setup(self, _inner=inner):
+                if getattr(self, "_setup_done", False):
+                    return
+                _inner(self)
+                self._setup_done = True
+
+            setup.__doc__ = inner.__doc__
+            cls.setup = setup
+
+    def resources(self) -> Resources:
+        return Resources()
+
     @property
     def batch_size(self) -> int | None:
         return getattr(self.config, "batch_size", None)
@@ -239,9 +251,6 @@ class Stage:
             except Exception as e:  # noqa: BLE001 - a setup failure is the run's, not a row's
                 raise StageFailed(self.name, f"setup failed: {_one_line(e)}") from e
             self._setup_done = True  # for stages without their own setup()
-
-    def teardown(self) -> None:
-        """Release what ``setup`` opened (sessions, pools). Called once when the worker ends."""
 
     def __enter__(self):
         self._ensure_setup()

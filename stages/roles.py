@@ -23,54 +23,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas import STAGE_FIELDS, field_type
 from schemas.row import SHARD_COL
-from stages.base import Resources, RoleConfig
+from stages.base import Declared, Resources
 
 
-class _Role:
-    name: ClassVar[str] = ""
-    Config: ClassVar[type[RoleConfig]] = RoleConfig
-    requires: ClassVar[tuple[str, ...]] = ()
-    produces: ClassVar[tuple[str, ...]] = ()
-    fills: ClassVar[tuple[str, ...]] = ()
-    is_global: ClassVar[bool] = False
-
-    def __init__(self, config: RoleConfig | dict | None = None):
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config(**config)
-        self.config = config
-        self._setup_done = False
+class _Role(Declared):
+    """A source or a sink: declared like a stage (``stages.base.Declared``), called otherwise."""
 
     def resources(self) -> Resources:
         return Resources(num_cpus=0, actor=False)
-
-    def required_columns(self) -> tuple[str, ...]:
-        return tuple(self.requires)
-
-    def filled_columns(self) -> tuple[str, ...]:
-        return tuple(self.fills)
-
-    def extra_produces(self) -> dict[str, pa.DataType]:
-        return {}
-
-    def output_columns(self) -> dict[str, pa.DataType]:
-        cols = {c: STAGE_FIELDS.get(c) or field_type(c) for c in self.produces}
-        cols.update(self.extra_produces())
-        return cols
-
-    def model_info(self) -> dict[str, Any]:
-        return {}
-
-    def dataset_hook(self):
-        return None
 
     def setup(self) -> None:
         """Open what every call needs (once per worker)."""
@@ -80,8 +46,6 @@ class _Role:
             self.setup()
             self._setup_done = True
 
-    def teardown(self) -> None:
-        """Release what ``setup`` opened."""
 
 
 class Source(_Role):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,52 @@ def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
                 elif ext == "txt":
                     captions[key] = data.decode()
     return images, captions
+
+
+def run_download(urls, extra_cols=None, **cfg):
+    """The download stage on ``urls`` (keys 0000, 0001, ...), without Ray; checks rows in == rows out,
+    in order, and returns its output table."""
+    import pyarrow as pa
+
+    from stages.download import Download, DownloadConfig
+
+    table = pa.table(
+        {
+            "key": [f"{i:04d}" for i in range(len(urls))],
+            "url": pa.array(urls, pa.string()),
+            "status": ["ok"] * len(urls),
+            **(extra_cols or {}),
+        }
+    )
+    with Download(DownloadConfig(**cfg)) as stage:
+        out = stage(table)
+    assert out.num_rows == table.num_rows  # rows in == rows out, same order
+    assert out.column("key").to_pylist() == table.column("key").to_pylist()
+    return out
+
+
+@contextmanager
+def moto_s3():
+    """An S3-compatible server on 127.0.0.1 (moto, standing in for S3). Yields the environment that
+    points clients at it (credentials for the test only)."""
+    import logging
+    import secrets
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield {
+            "AWS_ACCESS_KEY_ID": "clipcurate-test",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        }
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

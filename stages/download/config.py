@@ -19,153 +19,115 @@ HASHES = Literal["md5", "sha256", "sha512"]
 
 class DownloadConfig(StageConfig):
     # --- resizing and encoding (img2dataset's meaning and defaults) ---
-    # target size in pixels (see resize_mode)
     image_size: int = Field(256, ge=1, description="target size in pixels (see resize_mode)")
-    # no|border|keep_ratio|keep_ratio_largest|center_crop
     resize_mode: Literal[RESIZE_MODES] = Field(
         "border", description="no|border|keep_ratio|keep_ratio_largest|center_crop"
     )
-    # only downscale; never upscale small images
     resize_only_if_bigger: bool = Field(False, description="only downscale; never upscale small images")
-    # cv2 interpolation when enlarging
     upscale_interpolation: Literal[INTERPOLATIONS] = Field(
         "lanczos", description="cv2 interpolation when enlarging"
     )
-    # cv2 interpolation when shrinking
     downscale_interpolation: Literal[INTERPOLATIONS] = Field(
         "area", description="cv2 interpolation when shrinking"
     )
-    # format of the stored image
     encode_format: Literal["jpg", "png", "webp"] = Field("jpg", description="format of the stored image")
-    # jpg/webp quality 0-100; for png the compression level 0-9
     encode_quality: int = Field(95, description="jpg/webp quality 0-100; for png the compression level 0-9")
-    # keep the original bytes when no resize is needed and the format matches
     skip_reencode: bool = Field(
         False, description="keep the original bytes when no resize is needed and the format matches"
     )
-    # store the bytes as downloaded (header checks only, no decode)
     disable_all_reencoding: bool = Field(
         False, description="store the bytes as downloaded (header checks only, no decode)"
     )
-    # reject images whose smaller side is below this (filtered_size)
     min_image_size: int = Field(
         0, description="reject images whose smaller side is below this (filtered_size)"
     )
-    # reject images with more pixels than this (filtered_size)
     max_image_area: float = Field(
         math.inf, description="reject images with more pixels than this (filtered_size)"
     )
-    # reject images with long/short side ratio above this (filtered_size)
     max_aspect_ratio: float = Field(
         math.inf, description="reject images with long/short side ratio above this (filtered_size)"
     )
-    # column of [[x0,y0,x1,y1], ...] (relative) boxes to blur, e.g. faces
     bbox_col: str | None = Field(
         None, description="column of [[x0,y0,x1,y1], ...] (relative) boxes to blur, e.g. faces"
     )
-    # add an ``exif`` column (JSON of the EXIF tags of the original bytes)
     extract_exif: bool = Field(
         True, description="add an ``exif`` column (JSON of the EXIF tags of the original bytes)"
     )
-    # hash of the downloaded bytes
     compute_hash: HASHES | None = Field("sha256", description="hash of the downloaded bytes")
-    # [column, hash type] to check
     verify_hash: tuple[str, HASHES] | None = Field(None, description="[column, hash type] to check")
     # --- HTTP (img2dataset's meaning and defaults) ---
-    # seconds for the connection and for each read
     timeout: float = Field(10, gt=0, description="seconds for the connection and for each read")
-    # extra attempts, at once, for transient failures (timeouts, connection, 408/5xx)
     retries: int = Field(
         0, ge=0, description="extra attempts, at once, for transient failures (timeouts, connection, 408/5xx)"
     )
-    # added to the User-Agent; X-Robots-Tag "token: ..." targets it; the robots.txt agent
     user_agent_token: str | None = Field(
         None,
         description='added to the User-Agent; X-Robots-Tag "token: ..." targets it; the robots.txt agent',
     )
-    # X-Robots-Tag directives that opt an image out; [] disables the check
     disallowed_header_directives: list[str] = Field(
         default_factory=lambda: list(DEFAULT_DIRECTIVES),
         description="X-Robots-Tag directives that opt an image out; [] disables the check",
     )
-    # opt out (robots.txt: ...) URLs that the host's robots.txt disallows for user_agent_token (or *); fetched once per host and worker through the same guard and per-host cap
     check_robots_txt: bool = Field(
         False,
         description="opt out (robots.txt: ...) URLs that the host's robots.txt disallows for user_agent_token "
         "(or *); fetched once per host and worker through the same guard and per-host cap",
     )
-    # opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1
     respect_tdm_reservation: bool = Field(
         False,
         description="opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1",
     )
     # --- concurrency and politeness ---
-    # requests in flight per worker, across micro-batches (img2dataset: 256)
     thread_count: int = Field(
         64, ge=1, description="requests in flight per worker, across micro-batches (img2dataset: 256)"
     )
-    # requests in flight per host (host:port) and worker; also its keep-alive pool
     max_per_host: int = Field(
         6, ge=1, description="requests in flight per host (host:port) and worker; also its keep-alive pool"
     )
-    # longest Retry-After (429/503) honoured, seconds; longer ends rate_limited
     max_retry_after: float = Field(
         10, ge=0, description="longest Retry-After (429/503) honoured, seconds; longer ends rate_limited"
     )
-    # consecutive timeouts/refusals/resets/DNS failures that open a host's breaker (its waiting URLs fail at once); 0 disables it
     breaker_threshold: int = Field(
         5,
         ge=0,
         description="consecutive timeouts/refusals/resets/DNS failures that open a host's breaker "
         "(its waiting URLs fail at once); 0 disables it",
     )
-    # seconds before an open breaker lets one URL probe the host again
     breaker_cooldown: float = Field(
         30, ge=0, description="seconds before an open breaker lets one URL probe the host again"
     )
-    # abort a body that arrives slower than this many bytes/s on average once `timeout` seconds have passed (a slow drip); 0: off
     min_body_rate: float = Field(
         0,
         ge=0,
         description="abort a body that arrives slower than this many bytes/s on average once `timeout` "
         "seconds have passed (a slow drip); 0: off",
     )
-    # per-worker DNS cache lifetime (the guard still checks every dial)
     dns_cache_seconds: float = Field(
         300, ge=0, description="per-worker DNS cache lifetime (the guard still checks every dial)"
     )
-    # rows per process() call (decoded rows per output piece)
     batch_size: int = Field(256, ge=1, description="rows per process() call (decoded rows per output piece)")
-    # download workers (1 CPU each); None lets the executor size the pool
     concurrency: int | None = Field(
         None, description="download workers (1 CPU each); None lets the executor size the pool"
     )
     # --- safety ---
-    # also allow private and loopback addresses (link-local, multicast, reserved, unspecified stay refused unless in allowed_networks)
     allow_private_networks: bool = Field(
         False,
         description="also allow private and loopback addresses (link-local, multicast, reserved, "
         "unspecified stay refused unless in allowed_networks)",
     )
-    # CIDRs exempt from the address guard, e.g. ["127.0.0.0/8"]
     allowed_networks: list[str] = Field(
         default_factory=list, description='CIDRs exempt from the address guard, e.g. ["127.0.0.0/8"]'
     )
-    # redirects followed per URL (urllib's limit)
     max_redirects: int = Field(10, ge=0, description="redirects followed per URL (urllib's limit)")
-    # streamed body cap, whatever Content-Length says
     max_response_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="streamed body cap, whatever Content-Length says"
     )
-    # decoded-pixel cap (PIL's default bomb limit)
     max_pixels: int = Field(89_478_485, ge=1, description="decoded-pixel cap (PIL's default bomb limit)")
-    # deadline per URL from its first request, incl. redirects, body, retries and Retry-After waits; None: 3 x timeout
     total_timeout: float | None = Field(
         None,
         description="deadline per URL from its first request, incl. redirects, body, retries and "
         "Retry-After waits; None: 3 x timeout",
     )
-    # JPEG DCT-scaled decode for big downscales (same dims, pixels within tolerance)
     fast_decode: bool = Field(
         True, description="JPEG DCT-scaled decode for big downscales (same dims, pixels within tolerance)"
     )

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import secrets
 import subprocess
 import sys
 import tarfile
@@ -27,7 +26,7 @@ from pipeline.config import ConfigError
 from pipeline.html import sections
 from pipeline.preflight import preflight
 from stages.read import expand_paths
-from tests.conftest import REPO
+from tests.conftest import REPO, moto_s3
 
 WORKFLOW = """
 name: inputs
@@ -181,18 +180,7 @@ def test_output_of_a_different_config(tmp_path):
 def test_object_store_paths_are_checked_too(tmp_path, monkeypatch):
     """s3:// files and folders, on an S3-compatible server on 127.0.0.1 (moto), as in test_cluster."""
     import fsspec
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        env = {
-            "AWS_ACCESS_KEY_ID": "clipcurate-test",
-            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        }
+    with moto_s3() as env:
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
@@ -213,9 +201,7 @@ def test_object_store_paths_are_checked_too(tmp_path, monkeypatch):
         preflight(pipe)
         fingerprint = pipe.build(0).fingerprint()
         assert fingerprint[0]["size"] > 0 and fingerprint[0]["version"], fingerprint  # the ETag
-    finally:
         type(fs).clear_instance_cache()
-        server.stop()
 
 
 # ---- a folder runs, equals the glob, and a changed input is refused ------------------------------

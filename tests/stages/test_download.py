@@ -34,6 +34,7 @@ from stages.download import (
     normalize_url,
 )
 from tests.badserver import make_jpeg, make_png_rgba, serve_bad
+from tests.conftest import run_download
 
 LOOPBACK = ["127.0.0.0/8"]  # lets the tests reach the bad server while the guard stays on for the rest
 
@@ -41,23 +42,7 @@ LOOPBACK = ["127.0.0.0/8"]  # lets the tests reach the bad server while the guar
 def run(urls, extra_cols=None, **cfg) -> pa.Table:
     cfg.setdefault("timeout", 1)
     cfg.setdefault("thread_count", 16)
-    table = pa.table(
-        {
-            "key": [f"{i:04d}" for i in range(len(urls))],
-            "url": pa.array(urls, pa.string()),
-            "status": ["ok"] * len(urls),
-            **(extra_cols or {}),
-        }
-    )
-    stage = Download(DownloadConfig(**cfg))
-    stage.setup()
-    try:
-        out = stage(table)
-    finally:
-        stage.close()
-    assert out.num_rows == table.num_rows  # rows in == rows out, same order
-    assert out.column("key").to_pylist() == table.column("key").to_pylist()
-    return out
+    return run_download(urls, extra_cols, **cfg)
 
 
 # (path or raw URL, status, reason pattern); a path starting with "/" is served by badserver.

@@ -16,8 +16,9 @@ import pyarrow as pa
 import pytest
 
 from schemas import Status
-from stages.download import Download, DownloadConfig, set_dial_hook, set_resolver
+from stages.download import set_dial_hook, set_resolver
 from tests.badserver import make_jpeg, serve_bad
+from tests.conftest import run_download
 from tests.websim import HostSpec, WebSim, plan_urls
 
 LOOPBACK = ["127.0.0.0/8"]
@@ -56,22 +57,7 @@ def run(urls, **cfg) -> pa.Table:
     cfg.setdefault("timeout", 2)
     cfg.setdefault("thread_count", 16)
     cfg.setdefault("allowed_networks", LOOPBACK)
-    table = pa.table(
-        {
-            "key": [f"{i:04d}" for i in range(len(urls))],
-            "url": pa.array(urls, pa.string()),
-            "status": ["ok"] * len(urls),
-        }
-    )
-    stage = Download(DownloadConfig(**cfg))
-    stage.setup()
-    try:
-        out = stage(table)
-    finally:
-        stage.teardown()
-    assert out.num_rows == table.num_rows
-    assert out.column("key").to_pylist() == table.column("key").to_pylist()
-    return out
+    return run_download(urls, **cfg)
 
 
 def test_per_host_cap_holds_across_micro_batches(dials):
