@@ -148,7 +148,11 @@ class Pipeline(BaseModel):
         res.pop("output", None)
         res.pop("ray", None)
         res.pop("keep_intermediate", None)
-        res.pop("report", None)  # presentation only: changing it neither changes nor blocks a resumed run
+        res.pop("report", None)
+        for entry in res["stages"]:  # how many row errors a run tolerates does not change a row
+            for body in entry.values():
+                if isinstance(body, dict):
+                    body.pop("max_error_fraction", None)  # presentation only: changing it neither changes nor blocks a resumed run
         return hashlib.sha256(json.dumps(res, sort_keys=True).encode()).hexdigest()[:16]
 
     def build(self, index: int):

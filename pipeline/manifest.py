@@ -124,6 +124,7 @@ def check_error_fractions(data: dict[str, Any], limits: dict[str, float]) -> Non
         if limit is None or not e["stage_error"]:
             continue
         if e["fraction"] > limit:
+            e["over_max_error_fraction"] = limit
             raise StageFailed(
                 name,
                 f"{e['stage_error']} of {e['reached']} rows ({e['fraction']:.1%}) ended in stage_error, over "

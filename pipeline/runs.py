@@ -180,7 +180,7 @@ class RunDir:
     def input_plan(self, read_stage, samples_per_shard: int) -> InputPlan:
         """Split the input into shards once; later runs reuse the split (``check`` refuses a rerun
         whose input files changed since: their fingerprint is recorded before the split)."""
-        from stages.read import key_digits
+        from schemas.row import key_digits
 
         plan_path = _join(self.state_root, "input", "_plan.json")
         if self.fs.exists(plan_path):

@@ -29,6 +29,20 @@ BASE_SCHEMA = pa.schema(BASE_FIELDS)
 # that declares them in ``fills`` has run (the planner checks ``requires`` against that).
 FILLED_LATER: tuple[str, ...] = ("image", "width", "height", "original_width", "original_height", "sha256")
 
+def key_digits(n_shards: int, samples_per_shard: int) -> tuple[int, int]:
+    """Digits of the shard and index parts of a key (img2dataset's scheme)."""
+    import math
+
+    shard_digits = max(5, len(str(max(n_shards - 1, 0))))
+    index_digits = max(1, math.ceil(math.log10(samples_per_shard))) if samples_per_shard > 1 else 1
+    return shard_digits, index_digits
+
+
+def make_key(shard: int, index: int, shard_digits: int, index_digits: int) -> str:
+    """A row's key from its input position: ``{shard}{index}``, zero-padded."""
+    return f"{shard:0{shard_digits}d}{index:0{index_digits}d}"
+
+
 # Internal: the output shard a row belongs to (set by the source, dropped by the sink).
 SHARD_COL = "_shard"
 # One input shard as the source loads it (what the executor hands ``Source.load``).

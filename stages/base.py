@@ -249,7 +249,7 @@ class Stage(Declared):
             except StageFailed:
                 raise
             except Exception as e:  # noqa: BLE001 - a setup failure is the run's, not a row's
-                raise StageFailed(self.name, f"setup failed: {_one_line(e)}") from e
+                raise StageFailed(self.name, f"setup failed: {one_line(e)}") from e
             self._setup_done = True  # for stages without their own setup()
 
     def __enter__(self):
@@ -335,7 +335,7 @@ class Stage(Declared):
             if failed == chunk.num_rows:
                 # Every row raises on its own: the stage is broken, not the rows.
                 raise StageFailed(
-                    self.name, f"every row of a batch of {failed} raised: {_one_line(last)}"
+                    self.name, f"every row of a batch of {failed} raised: {one_line(last)}"
                 ) from last
             rows = [_align_columns(r, rows[0]) for r in rows]
             return pa.concat_tables(rows, promote_options="permissive")
@@ -365,7 +365,8 @@ class Stage(Declared):
 # ---- helpers shared by stages --------------------------------------------------------------
 
 
-def _one_line(e: BaseException | None) -> str:
+def one_line(e: BaseException | None) -> str:
+    """An exception as one short line: ``Type: message``."""
     if e is None:
         return "unknown error"
     text = " ".join(str(e).split()) or type(e).__name__

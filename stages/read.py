@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import posixpath
 import tarfile
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from pydantic import Field, field_validator
 
 from schemas import OK, conform
 from schemas.members import IMAGE_EXTS, split_member
-from schemas.row import FILLED_LATER, SHARD_COL
+from schemas.row import FILLED_LATER, SHARD_COL, key_digits, make_key  # noqa: F401 - key_digits re-exported
 from schemas.row import SHARD_SPEC_SCHEMA as SPEC_SCHEMA  # noqa: F401 - re-exported
 from stages.base import Resources, RoleConfig, path_field
 from stages.roles import Source
@@ -76,16 +75,6 @@ class ReadConfig(RoleConfig):
         if not v:
             raise ValueError("'path' must name at least one file")
         return v
-
-
-def key_digits(n_shards: int, samples_per_shard: int) -> tuple[int, int]:
-    shard_digits = max(5, len(str(max(n_shards - 1, 0))))
-    index_digits = max(1, math.ceil(math.log10(samples_per_shard))) if samples_per_shard > 1 else 1
-    return shard_digits, index_digits
-
-
-def make_key(shard: int, index: int, shard_digits: int, index_digits: int) -> str:
-    return f"{shard:0{shard_digits}d}{index:0{index_digits}d}"
 
 
 def _fmt_of(path: str, declared: str) -> str:

@@ -211,6 +211,7 @@ class Executor:
                 for b in range(len(self.globals)):
                     self.fits.ensure_state(b)
         except Exception as e:
+            ray.kill(self._counter)
             failed = find_stage_failure(e)
             if failed is not None:
                 raise failed from None
@@ -234,11 +235,18 @@ class Executor:
             started=started,
             wall=time.perf_counter() - t0,
         )
+        limits = {s.name: getattr(s.config, "max_error_fraction", None) for s in middle}
+        try:
+            manifest_mod.check_error_fractions(data, {k: v for k, v in limits.items() if v is not None})
+        except StageFailed as e:
+            data["failed"] = str(e)  # the manifest says why the run failed; spills stay for the rerun
+            manifest_mod.write(self.rd, data)
+            raise
+        finally:
+            ray.kill(self._counter)
         manifest_mod.write(self.rd, data)
         if not self.pipe.config.keep_intermediate:
             self.rd.remove_spills()
-        limits = {s.name: getattr(s.config, "max_error_fraction", None) for s in middle}
-        manifest_mod.check_error_fractions(data, {k: v for k, v in limits.items() if v is not None})
         return data
 
     def _poll(self, stop: threading.Event) -> None:

@@ -40,11 +40,12 @@ def _teardown_all() -> None:
     _CACHE.clear()
 
 
-def build(target: str, cfg_json: str, state_url: str | None = None, setup: bool = True):
+def build(target: str, cfg_json: str, state_url: str | None = None, setup: bool = True, run: str | None = None):
     """The entry ``target`` (registry name or import path) with config ``cfg_json`` and the fitted
-    state at ``state_url``, built and set up once per worker process."""
+    state at ``state_url``, built and set up once per worker process. A fitted state is cached per
+    ``run``: worker processes outlive runs, and the next run's state may sit at the same URL."""
     global _ATEXIT
-    key = (target, cfg_json, state_url, setup)
+    key = (target, cfg_json, state_url, setup, run if state_url else None)
     stage = _CACHE.get(key)
     if stage is None:
         cls = _resolve(target)
@@ -127,7 +128,7 @@ class StageActor:
 
     def __init__(self, name: str, target: str, cfg_json: str, state_url: str | None, counter):
         self.name, self.counter = name, counter
-        self.stage = build(target, cfg_json, state_url)
+        self.stage = build(target, cfg_json, state_url, run=counter)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return run_stage(self.stage, self.name, batch, self.counter)
@@ -148,7 +149,7 @@ def actor_class(name: str) -> type:
 
 def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter):
     def fn(batch: pa.Table) -> pa.Table:
-        return run_stage(build(target, cfg_json, state_url), name, batch, counter)
+        return run_stage(build(target, cfg_json, state_url, run=counter), name, batch, counter)
 
     fn.__name__ = fn.__qualname__ = _label(name)
     return fn

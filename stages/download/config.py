@@ -107,7 +107,7 @@ class DownloadConfig(StageConfig):
     )
     batch_size: int = Field(256, ge=1, description="rows per process() call (decoded rows per output piece)")
     concurrency: int | None = Field(
-        None, description="download workers (1 CPU each); None lets the executor size the pool"
+        None, description="download actors (1 CPU each); null: one. Raise it to download on more CPUs."
     )
     # --- safety ---
     allow_private_networks: bool = Field(

@@ -62,16 +62,39 @@ class AddressPolicy:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
         if any(addr in net for net in self.allowed):
             return None
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-            if any(addr in net for net in self.allowed):
+        inner = embedded_ipv4(addr)
+        if inner is not None:
+            if addr.ipv4_mapped is not None and any(inner in net for net in self.allowed):
                 return None
+            if addr.ipv4_mapped is not None or address_kind(inner) is not None:
+                addr = inner  # judged by the IPv4 address it carries (mapped, 6to4, NAT64, Teredo)
         kind = address_kind(addr)
         if kind is None:
             return None
         if self.allow_private and kind in ("loopback", "private"):
             return None
         return f"{kind} address {addr} refused"
+
+
+# Not public, though this Python's tables may call them global: IETF protocol assignments and the
+# deprecated IPv6 site-local range (still routed on some old internal networks).
+_NOT_PUBLIC = (ipaddress.ip_network("192.0.0.0/24"), ipaddress.ip_network("fec0::/10"))
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (IPv4-mapped, 6to4, NAT64, Teredo server), else None."""
+    if addr.version != 6:
+        return None
+    if addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    if addr.sixtofour is not None:
+        return addr.sixtofour
+    if any(addr in net for net in _NAT64):
+        return ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+    if addr.teredo is not None:
+        return addr.teredo[1]
+    return None
 
 
 def address_kind(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -87,6 +110,8 @@ def address_kind(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | N
     ):
         if flag:
             return kind
+    if any(addr.version == net.version and addr in net for net in _NOT_PUBLIC):
+        return "non-public"
     return None if addr.is_global else "non-public"
 
 

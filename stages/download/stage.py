@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from schemas import Status
-from stages.base import Resources, Stage, replace_column, set_status
+from stages.base import Resources, Stage, StageFailed, one_line, replace_column, set_status
 from stages.download.config import DownloadConfig
 from stages.download.http import Fetched, Fetcher, short
 from stages.download.images import ImageProcessor, ImageReject, exif_json
@@ -113,6 +113,10 @@ class Download(Stage):
         cfg = self.config
         extra = [c for c in (cfg.bbox_col, cfg.verify_hash[0] if cfg.verify_hash else None) if c]
         return (*self.requires, *extra)
+
+    def filled_columns(self) -> tuple[str, ...]:
+        # sha256 carries data only when it is the hash computed (dedup by sha256 needs it)
+        return tuple(c for c in self.fills if c != "sha256" or self.config.compute_hash == "sha256")
 
     def resources(self) -> Resources:
         return Resources(
@@ -184,9 +188,16 @@ class Download(Stage):
                     rows[i] = r
             finally:
                 sub.session.cancel()
+        # A row whose decoding raised (not a rejection: a bug, an odd file) is that row's stage_error,
+        # marked here rather than re-raised: a row-by-row retry would fetch its URL again while the
+        # window holds the shard's other results. Every row of a batch raising is the stage's failure.
+        errors = [r.error for r in rows if r.error is not None]
+        if errors and len(errors) == n > 1:
+            raise StageFailed(self.name, f"every row of a batch of {n} raised: {one_line(errors[0])}")
         for r in rows:
             if r.error is not None:
-                raise r.error  # the base class retries row by row, then marks stage_error
+                r.status, r.reason = Status.STAGE_ERROR.value, f"{self.name}: {one_line(r.error)}"
+                r.image, r.dims, r.hash, r.exif = None, (None,) * 4, None, None
 
         status = [r.status for r in rows]
         out = batch

@@ -161,3 +161,14 @@ def test_setup_failure_is_a_stage_failure():
 
     with pytest.raises(StageFailed, match="stage no_model: setup failed: FileNotFoundError"):
         NoModel()(pa.table({"key": ["0"], "status": ["ok"]}))
+
+
+def test_raising_max_error_fraction_resumes_the_same_run():
+    """The limit decides whether a run passes, not what a row becomes: it is not part of the config
+    hash, so the rerun that the failure message suggests (``--set ...max_error_fraction=...``) resumes."""
+    from pipeline import config
+
+    wf = REPO / "workflows" / "demo.yaml"
+    base = config.load(wf).config_hash()
+    assert config.load(wf, overrides=["stages.clip_score.max_error_fraction=0.5"]).config_hash() == base
+    assert config.load(wf, overrides=["stages.clip_score.min_score=0.5"]).config_hash() != base

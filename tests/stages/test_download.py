@@ -389,3 +389,47 @@ def test_fast_path_scales_and_encodes_like_the_resizer():
 def test_status_vocabulary_is_the_shared_one():
     used = {s for _, s, _ in BAD_CASES} | {"hash_mismatch", "filtered_size", "stage_error"}
     assert used <= {s.value for s in Status}
+
+
+@pytest.mark.parametrize(
+    "ip",
+    ["169.254.169.254", "::ffff:169.254.169.254", "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe", "fe80::1%eth0",
+     "192.0.0.8", "fec0::1", "0.0.0.0", "::", "224.0.0.1", "ff02::1"],
+)  # fmt: skip
+def test_link_local_and_other_non_public_addresses_stay_refused_with_private_networks_open(ip):
+    """Cloud metadata (169.254.169.254) and other non-public addresses, also inside IPv6 (mapped,
+    6to4, NAT64), are refused even with ``allow_private_networks: true``; private and loopback open."""
+    from stages.download.guard import AddressPolicy
+
+    assert AddressPolicy(True, []).refusal(ip) is not None
+    assert AddressPolicy(False, []).refusal(ip) is not None
+    assert AddressPolicy(True, []).refusal("10.1.2.3") is None and AddressPolicy(True, []).refusal("127.0.0.1") is None
+
+
+@pytest.mark.timeout(120)
+def test_a_row_that_raises_in_decoding_is_its_stage_error_and_never_stalls_the_shard():
+    """One row's decoder raising (a bug, an odd file) makes that row ``stage_error`` while the other
+    rows of the shard, downloaded in the same window, come out ok: no refetch, no stall."""
+    from stages.download import Download
+
+    with serve_bad() as srv, Download(
+        {"allowed_networks": LOOPBACK, "thread_count": 2, "batch_size": 4, "timeout": 2}
+    ) as stage:
+        real, calls = stage.images, []
+
+        def flaky(data, bbox=None):  # the real decoder, except that its second call raises
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyError("unexpected EXIF layout")
+            return real(data, bbox)
+
+        stage.images = flaky
+        urls = [srv.url(f"/ok.jpg?id={i}") for i in range(40)]
+        table = pa.table({"key": [f"{i:04d}" for i in range(40)], "url": urls, "status": ["ok"] * 40})
+        out = stage(table)
+        hits = srv.hits["/ok.jpg"]
+    status = out.column("status").to_pylist()
+    assert status.count("stage_error") == 1 and status.count("ok") == 39, status
+    bad = [r for r in out.to_pylist() if r["status"] == "stage_error"][0]
+    assert bad["reason"] == "download: KeyError: 'unexpected EXIF layout'" and bad["image"] is None
+    assert hits == 40, "every URL fetched once: the failed row is not fetched again"
