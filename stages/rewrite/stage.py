@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from stages.base import ProcessorHook, Resources, Stage, replace_column
+from stages.base import ProcessorHook, Resources, Stage, StageFailed, replace_column
 from stages.rewrite import engines
 from stages.rewrite.config import RewriteConfig
 from stages.rewrite.prompt import Prompts, load_bank, seed_of
@@ -97,6 +97,21 @@ class Rewrite(Stage):
                 if rows[r].offer(s, text, ex, err) and a < engine.max_retries:
                     retry.append((r, s, a + 1))
             pending, rnd = retry, rnd + 1
+        _fail_if_the_engine_never_answered(self.name, [rows[i] for i in range(len(rows)) if captions[i]])
         results = [row.result() if captions[i] else ([], "no caption") for i, row in enumerate(rows)]
         batch = replace_column(batch, "caption_rewrites", [r for r, _ in results])
         return replace_column(batch, "rewrite_reason", [why for _, why in results])
+
+
+TRANSPORT_ERRORS = ("http_error", "bad_response")  # the engine did not answer with a generation
+
+
+def _fail_if_the_engine_never_answered(stage: str, rows: list[RowRewrites]) -> None:
+    """Two or more rows, and not one generation came back (every attempt a transport error: the
+    endpoint is down, refuses the key, or answers errors): the stage's failure, not the rows'."""
+    if len(rows) < 2 or any(r.accepted for r in rows):
+        return
+    reasons = [k for r in rows for k in r.rejected]
+    if reasons and all(k.startswith(TRANSPORT_ERRORS) for k in reasons):
+        raise StageFailed(stage, f"no generation for any of {len(rows)} rows: {sorted(set(reasons))[0]}")
+

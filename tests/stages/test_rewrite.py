@@ -416,10 +416,15 @@ def test_openai_engine_unreachable_endpoint_keeps_rows(world_table):
     table, _ = world_table
     stage = Rewrite(make_config({"type": "openai", "model": "toy-lm", "base_url": f"http://127.0.0.1:{port}/v1",
                          "http_retries": 1, "http_backoff_s": 0.0, "max_retries": 0}, n_rewrites=1))  # fmt: skip
-    out = stage(table.slice(0, 2))
-    assert out.column("status").to_pylist() == ["ok", "ok"]
-    assert out.column("caption_rewrites").to_pylist() == [[], []]
+    out = stage(table.slice(0, 1))  # one row: that row keeps its caption, with the reason
+    assert out.column("status").to_pylist() == ["ok"]
+    assert out.column("caption_rewrites").to_pylist() == [[]]
     assert all(r.startswith("no valid rewrite: http_error") for r in out.column("rewrite_reason").to_pylist())
+    # a batch where not one request was answered is the stage's failure (issue 12), not the rows'
+    from stages.base import StageFailed
+
+    with pytest.raises(StageFailed, match="stage rewrite: no generation for any of 2 rows: http_error"):
+        stage(table.slice(0, 2))
 
 
 def test_openai_engine_missing_key_env_fails_setup(monkeypatch):
