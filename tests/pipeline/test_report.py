@@ -132,7 +132,8 @@ def full_run(ray_session, demo_urls, tmp_path_factory):
     return out, manifest
 
 
-@pytest.fixture(params=["demo_run", "full_run"])
+@pytest.fixture(params=[pytest.param("demo_run", marks=pytest.mark.integration),
+                        pytest.param("full_run", marks=pytest.mark.integration)])  # fmt: skip
 def run(request):
     return request.param, *request.getfixturevalue(request.param)
 

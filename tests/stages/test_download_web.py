@@ -105,9 +105,7 @@ def test_a_host_that_drips_forever_costs_at_most_total_timeout(dials):
         urls = [sim.url("drip", "/drip/1.jpg", names=True)] + [
             sim.url("ok", f"/img/{i}.jpg") for i in range(10)
         ]
-        t0 = time.monotonic()
         out = run(urls, timeout=2, total_timeout=3, batch_size=2)
-        elapsed = time.monotonic() - t0
         for _ in range(50):  # the server notices the client's hang-up
             if sim.stats()["paths"]["drip /drip/1.jpg"][0][1] != "started":
                 break
@@ -116,7 +114,6 @@ def test_a_host_that_drips_forever_costs_at_most_total_timeout(dials):
     assert out.column("status").to_pylist() == ["download_failed"] + ["ok"] * 10
     assert out.column("reason")[0].as_py() == "Timeout: body not complete within total_timeout 3s"
     assert [d[1] for d in drip] == ["aborted"]  # one request, dropped by us long before its 120 s drip ended
-    assert elapsed < 60  # sanity bound only (the drip alone would take 120 s)
 
 
 def test_min_body_rate_cuts_a_drip_short(dials):
