@@ -201,9 +201,10 @@ def _ours_shard(shard: int, urls: list[str], out: str, threads: int, barrier=Non
     return {"ok": statuses.count("ok"), "count": len(statuses), "start": start, "end": end, "cpu": cpu}
 
 
-def _img2dataset_shard(shard: int, urls: list[str], out: str, threads: int, barrier=None) -> dict:
-    """One shard through img2dataset's own Downloader (with its Resizer and webdataset writer),
-    set up exactly as ``img2dataset.download()`` sets it up, minus its reader and distributor."""
+def img2dataset_shard_downloader(shard: int, urls: list[str], out: str, threads: int, timeout: float):
+    """img2dataset's own Downloader (with its Resizer and webdataset writer) for one shard of ``urls``,
+    set up exactly as ``img2dataset.download()`` sets it up, minus its reader and distributor.
+    Returns ``(downloader, shard_file)``: run it as ``downloader((shard, shard_file))``."""
     import pyarrow as pa
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
@@ -220,7 +221,7 @@ def _img2dataset_shard(shard: int, urls: list[str], out: str, threads: int, barr
         extract_exif=True,
         output_folder=out,
         column_list=["url"],
-        timeout=10,
+        timeout=timeout,
         number_sample_per_shard=len(urls),
         oom_shard_count=5,
         compute_hash="sha256",
@@ -230,10 +231,16 @@ def _img2dataset_shard(shard: int, urls: list[str], out: str, threads: int, barr
         user_agent_token=None,
         disallowed_header_directives={"noai", "noimageai", "noindex", "noimageindex"},
     )
+    return downloader, str(path)
+
+
+def _img2dataset_shard(shard: int, urls: list[str], out: str, threads: int, barrier=None) -> dict:
+    """One shard through img2dataset's own Downloader (``img2dataset_shard_downloader``)."""
+    downloader, path = img2dataset_shard_downloader(shard, urls, out, threads, timeout=10)
     if barrier is not None:
         barrier.wait()
     start, c0 = time.time(), time.process_time()
-    downloader((shard, str(path)))
+    downloader((shard, path))
     end, cpu = time.time(), time.process_time() - c0
     stats = json.loads((Path(out) / f"{shard:05d}_stats.json").read_text())
     return {"ok": stats["successes"], "count": stats["count"], "start": start, "end": end, "cpu": cpu}

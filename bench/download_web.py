@@ -45,14 +45,18 @@ sys.path.insert(0, str(ROOT))
 
 from tests.websim import HostSpec, SimProcess, plan_urls  # noqa: E402
 
-RESIZE = dict(image_size=256, resize_mode="border", encode_format="jpg", encode_quality=95)
-
 
 def _bench_download():
-    spec = importlib.util.spec_from_file_location("bench_download", ROOT / "bench" / "download.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """``bench/download.py`` as a module (corpus, img2dataset set-up, writer, RESIZE), loaded once."""
+    global _BENCH_DOWNLOAD
+    if _BENCH_DOWNLOAD is None:
+        spec = importlib.util.spec_from_file_location("bench_download", ROOT / "bench" / "download.py")
+        _BENCH_DOWNLOAD = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_BENCH_DOWNLOAD)
+    return _BENCH_DOWNLOAD
+
+
+_BENCH_DOWNLOAD = None
 
 
 def make_hosts(n: int, seed: int = 0) -> list[HostSpec]:
@@ -82,7 +86,7 @@ def _ours(shard: int, urls: list[str], out: str, cfg: dict) -> dict:
     from stages.download import Download
 
     bd = _bench_download()
-    stage = Download(dict(allowed_networks=["127.0.0.0/8"], **cfg, **RESIZE))
+    stage = Download(dict(allowed_networks=["127.0.0.0/8"], **cfg, **bd.RESIZE))
     stage.setup()
     table = pa.table(
         {"key": [f"{shard:05d}{i:05d}" for i in range(len(urls))], "url": urls, "status": ["ok"] * len(urls)}
@@ -97,35 +101,12 @@ def _ours(shard: int, urls: list[str], out: str, cfg: dict) -> dict:
 
 
 def _img2dataset(shard: int, urls: list[str], out: str, cfg: dict) -> dict:
-    import pyarrow as pa
     import pyarrow.parquet as pq
-    from img2dataset.downloader import Downloader
-    from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
 
-    path = Path(out) / f"{shard:05d}.feather"
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("url", pa.string())])) as w:
-        w.write_table(pa.table({"url": urls}))
-    downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter,
-        resizer=Resizer(resize_only_if_bigger=False, **RESIZE),
-        thread_count=cfg["thread_count"],
-        save_caption=False,
-        extract_exif=True,
-        output_folder=out,
-        column_list=["url"],
-        timeout=cfg["timeout"],
-        number_sample_per_shard=len(urls),
-        oom_shard_count=5,
-        compute_hash="sha256",
-        verify_hash_type=None,
-        encode_format=RESIZE["encode_format"],
-        retries=0,
-        user_agent_token=None,
-        disallowed_header_directives={"noai", "noimageai", "noindex", "noimageindex"},
-    )
+    bd = _bench_download()
+    downloader, path = bd.img2dataset_shard_downloader(shard, urls, out, cfg["thread_count"], cfg["timeout"])
     start, c0 = time.time(), time.process_time()
-    downloader((shard, str(path)))
+    downloader((shard, path))
     end, cpu = time.time(), time.process_time() - c0
     t = pq.read_table(Path(out) / f"{shard:05d}.parquet", columns=["url", "status", "error_message"])
     rows = [
