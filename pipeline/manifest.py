@@ -40,17 +40,24 @@ def shard_pattern(url: str, names: list[str]) -> str:
     return f"{root}/{shard_files(names[0])[0]}" if names else ""
 
 
+def entering(stage_names: list[str], stage_status: dict[str, dict[str, int]], total: int) -> list[int]:
+    """Rows that enter each stage of ``stage_names`` (pipeline order) as ``ok``: all rows minus those
+    the stages before it rejected. The funnel of the manifest, the summary and the report."""
+    out, lost = [], 0
+    for name in stage_names:
+        out.append(total - lost)
+        lost += sum(stage_status.get(name, {}).values())
+    return out
+
+
 def stage_errors(stage_names: list[str], stage_status: dict[str, dict[str, int]], total: int) -> dict[str, dict]:
     """Per stage (pipeline order): rows that reached it ``ok``, and how many of them it turned into
-    ``stage_error``. Rows reaching stage i = all rows minus those rejected by the stages before it."""
+    ``stage_error``."""
     out: dict[str, dict] = {}
-    lost = 0
-    for name in stage_names:
-        by = stage_status.get(name, {})
-        errors = by.get(Status.STAGE_ERROR.value, 0)
-        reached = max(total - lost, 0)
+    for name, entered in zip(stage_names, entering(stage_names, stage_status, total)):
+        reached = max(entered, 0)
+        errors = stage_status.get(name, {}).get(Status.STAGE_ERROR.value, 0)
         out[name] = {"reached": reached, "stage_error": errors, "fraction": round(errors / reached, 6) if reached else 0.0}
-        lost += sum(by.values())
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipeline.manifest import entering
 from schemas import OK
 
 
@@ -43,11 +44,11 @@ def funnel_rows(manifest: dict) -> list[dict]:
     total = manifest["total_rows"]
     secs = manifest.get("stage_seconds") or {}
     passed = manifest.get("stage_rows") or {}
+    status = {**manifest["stage_status"], order[0]: {}}  # the source rejects nothing it reads
     out = []
-    remaining = total
-    for i, name in enumerate(order):
+    for i, (name, remaining) in enumerate(zip(order, entering(order, status, total))):
         source, sink = i == 0, i == len(order) - 1
-        rejected = {} if source else manifest["stage_status"].get(name, {})
+        rejected = status.get(name, {})
         n_rej = sum(rejected.values())
         processed = total if source or sink else remaining
         s, n = secs.get(name), passed.get(name)
@@ -63,7 +64,6 @@ def funnel_rows(manifest: dict) -> list[dict]:
                 "rows_per_s": rate,
             }
         )
-        remaining -= n_rej
     return out
 
 
