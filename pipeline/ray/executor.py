@@ -79,6 +79,7 @@ class Executor:
         self.cfg_json = [s.config.model_dump_json() for s in pipe.stages]
         self.rc = pipe.config.ray
         self.fits = GlobalFits(self)
+        self.counter: str | None = None  # name of the run's Counter actor (set by run)
 
     # -- datasets
     def _specs(self, shards: list[int]):
@@ -171,8 +172,6 @@ class Executor:
         self.globals, self.segs = self._segments()
         resources.check(self.pipe.source, self.stages, self.targets, self.segs)
         self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite)
-        self.counter = f"clipcurate-counter-{uuid.uuid4().hex[:12]}"  # workers find it by name
-        self._counter = Counter.options(name=self.counter).remote()
         self.plan: InputPlan = self.rd.input_plan(self.stages[0], self.pipe.config.samples_per_shard)
         done = self.rd.completed_shards(self.plan)
         pending = [s for s in range(self.plan.n_shards) if s not in done]
@@ -190,6 +189,14 @@ class Executor:
         started = datetime.now(UTC)
         t0 = time.perf_counter()
         pending = self.prepare()
+        self.counter = f"clipcurate-counter-{uuid.uuid4().hex[:12]}"  # workers find it by name
+        self._counter = Counter.options(name=self.counter).remote()
+        try:
+            return self._run(pending, started, t0)
+        finally:
+            ray.kill(self._counter)
+
+    def _run(self, pending: list[int], started: datetime, t0: float) -> dict:
         sink = self.stages[-1]
         ctx = SinkContext(
             output=self.rd.url,
@@ -211,7 +218,6 @@ class Executor:
                 for b in range(len(self.globals)):
                     self.fits.ensure_state(b)
         except Exception as e:
-            ray.kill(self._counter)
             failed = find_stage_failure(e)
             if failed is not None:
                 raise failed from None
@@ -242,8 +248,6 @@ class Executor:
             data["failed"] = str(e)  # the manifest says why the run failed; spills stay for the rerun
             manifest_mod.write(self.rd, data)
             raise
-        finally:
-            ray.kill(self._counter)
         manifest_mod.write(self.rd, data)
         if not self.pipe.config.keep_intermediate:
             self.rd.remove_spills()
