@@ -20,11 +20,6 @@ import ray
 
 from pipeline import registry
 
-
-def _resolve(target: str) -> type:
-    return registry.get(target)
-
-
 # ---- per-process cache of built stages ---------------------------------------------------------------
 
 _CACHE: dict[tuple, Any] = {}
@@ -48,7 +43,7 @@ def build(target: str, cfg_json: str, state_url: str | None = None, setup: bool 
     key = (target, cfg_json, state_url, setup, run if state_url else None)
     stage = _CACHE.get(key)
     if stage is None:
-        cls = _resolve(target)
+        cls = registry.get(target)
         stage = cls(cls.Config.model_validate_json(cfg_json))
         if state_url is not None:
             with fsspec.open(state_url, "rb") as f:
@@ -124,7 +119,8 @@ def run_stage(stage, name: str, batch: pa.Table, counter: str | None) -> pa.Tabl
 
 
 class StageActor:
-    """One actor of a stage's pool (subclassed per stage, so Ray names the operator after it)."""
+    """One actor of a stage's pool (subclassed per stage, so Ray names the operator after it). Its
+    stage is in the process's cache, torn down once when the process exits (``_teardown_all``)."""
 
     def __init__(self, name: str, target: str, cfg_json: str, state_url: str | None, counter):
         self.name, self.counter = name, counter
@@ -132,14 +128,6 @@ class StageActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return run_stage(self.stage, self.name, batch, self.counter)
-
-    def __del__(self):
-        stage = getattr(self, "stage", None)
-        if stage is not None:
-            try:
-                stage.teardown()
-            except Exception:  # noqa: BLE001 - the actor is going away
-                pass
 
 
 def actor_class(name: str) -> type:
