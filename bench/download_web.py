@@ -191,7 +191,7 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=5, help="img2dataset's timeout, ours too (total 3x)")
     ap.add_argument("--i2d-threads", type=int, default=256, help="img2dataset's thread_count (its default)")
     ap.add_argument("--ours-threads", type=int, default=128, help="our thread_count")
-    ap.add_argument("--ours-per-host", type=int, default=6, help="our max_per_host (per worker process)")
+    ap.add_argument("--ours-per-host", type=int, default=12, help="our max_per_host (per machine, shared by the processes)")
     ap.add_argument("--ours-min-rate", type=float, default=1024, help="our min_body_rate, bytes/s (0: off)")
     ap.add_argument("--images", type=int, default=600, help="distinct corpus images")
     ap.add_argument("--corpus", default=str(Path(tempfile.gettempdir()) / "clipcurate_bench_corpus"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the download stage's machine-wide per-host slots: a table of the tests' own, not the user's
+os.environ.setdefault(
+    "CLIPCURATE_HOST_SLOTS", os.path.join(tempfile.gettempdir(), f"clipcurate-test-hostslots-{os.getuid()}")
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_CLI = Path(sys.executable).parent / "ray"  # the venv's `ray` command (cluster tests)

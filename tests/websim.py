@@ -24,6 +24,8 @@ Paths (``ID`` is any integer; the body of ``/img/ID.jpg`` is image ``ID % len(im
 /private/ID.jpg             the image; robots.txt of ``robots`` hosts disallows /private/
 /close/ID.jpg               the image, then the server closes the connection
 /robots.txt                 the host's ``robots`` text, else 404
+/.well-known/tdmrep.json    the host's ``tdmrep`` text (TDMRep's well-known file), else 404
+/goto/NAME/PATH             302 to PATH on host NAME (by its .websim.test name)
 ==========================  ======================================================================
 
 Per host (``HostSpec``): ``limit`` concurrent requests (counted by the server from request to the
@@ -65,6 +67,7 @@ class HostSpec:
     sigma: float = 1.4  # lognormal sigma (1.4: p99 about 26x the median)
     robots: str | None = None  # robots.txt body
     tdm: bool = False  # tdm-reservation: 1 on every image response
+    tdmrep: str | None = None  # /.well-known/tdmrep.json body
     first_429: bool = False  # the first request of every path gets 429 + Retry-After
     drip_interval: float = 0.5
     port: int = 0
@@ -224,6 +227,13 @@ class WebSim:
             if h.robots is None:
                 return web.Response(status=404, text="no robots.txt")
             return web.Response(text=h.robots, content_type="text/plain")
+        if path == "/.well-known/tdmrep.json":
+            if h.tdmrep is None:
+                return web.Response(status=404, text="no tdmrep.json")
+            return web.Response(text=h.tdmrep, content_type="application/json")
+        if parts[0] == "goto" and len(parts) >= 3:
+            to = self.host(parts[1])
+            raise web.HTTPFound(f"http://{to.name}.websim.test:{to.port}/{'/'.join(parts[2:])}")
         await asyncio.sleep(self._latency(h, path, n))
         headers = {"tdm-reservation": "1"} if h.tdm else {}
         if parts[0] in ("img", "private") and len(parts) == 2:

@@ -70,19 +70,28 @@ class DownloadConfig(StageConfig):
     )
     check_robots_txt: bool = Field(
         False,
-        description="opt out (robots.txt: ...) URLs that the host's robots.txt disallows for user_agent_token "
-        "(or *); fetched once per host and worker through the same guard and per-host cap",
+        description="opt out (robots.txt: ...) URLs, and redirect targets, that their host's robots.txt disallows "
+        "for user_agent_token (or *); fetched once per host and worker through the same guard",
     )
     respect_tdm_reservation: bool = Field(
         False,
-        description="opt out (tdm-reservation: ...) responses with the TDMRep header tdm-reservation: 1",
+        description="opt out (tdm-reservation: ...) what TDMRep reserves: responses with the header "
+        "tdm-reservation: 1, and URLs or redirect targets that the origin's /.well-known/tdmrep.json reserves",
     )
     # --- concurrency and politeness ---
     thread_count: int = Field(
         64, ge=1, description="requests in flight per worker, across micro-batches (img2dataset: 256)"
     )
     max_per_host: int = Field(
-        6, ge=1, description="requests in flight per host (host:port) and worker; also its keep-alive pool"
+        6,
+        ge=1,
+        description="requests in flight per host (host:port) from this machine: the download workers of a "
+        "machine share them (see max_per_host_scope); also each worker's keep-alive pool per host",
+    )
+    max_per_host_scope: Literal["machine", "worker"] = Field(
+        "machine",
+        description="machine: max_per_host bounds all download workers of one machine together (a table in "
+        "/dev/shm); worker: each worker has max_per_host of its own (N workers: up to N x max_per_host)",
     )
     max_retry_after: float = Field(
         10, ge=0, description="longest Retry-After (429/503) honoured, seconds; longer ends rate_limited"

@@ -18,6 +18,7 @@ import ipaddress
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 Resolver = Callable[[str], list[str]]
@@ -119,16 +120,19 @@ class DnsCache:
     """Per-worker DNS cache (answers for ``ttl`` seconds, failures for at most 30 s). It only saves
     lookups: the policy is checked on every dial, whatever the cache returned."""
 
-    def __init__(self, ttl: float):
+    def __init__(self, ttl: float, max_names: int = 100_000):
         self.ttl = ttl
+        self.max_names = max_names  # least recently used names go first
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[float, list[str] | OSError]] = {}
+        self._cache: OrderedDict[str, tuple[float, list[str] | OSError]] = OrderedDict()
         self.lookups = 0
 
     def lookup(self, host: str, port: int) -> list[str]:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(host)
+            if hit is not None:
+                self._cache.move_to_end(host)
         if hit is None or hit[0] <= now:
             try:
                 got: list[str] | OSError = self._resolve(host, port)
@@ -139,6 +143,9 @@ class DnsCache:
                 self.lookups += 1
                 if ttl > 0:
                     self._cache[host] = (now + ttl, got)
+                    self._cache.move_to_end(host)
+                    while len(self._cache) > self.max_names:
+                        self._cache.popitem(last=False)
         else:
             got = hit[1]
         if isinstance(got, OSError):

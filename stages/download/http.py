@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 
 from schemas import Status
 from stages.download.guard import AddressPolicy, BlockedAddress, DnsCache, guarded_pool_manager
-from stages.download.optout import RobotsCache, is_disallowed, robots_tag_reason, tdm_reserved
+from stages.download.optout import RobotsCache, TdmRepCache, is_disallowed, robots_tag_reason, tdm_reserved
 from stages.download.urls import InvalidURL, host_key, normalize_url
 
 USER_AGENT = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
@@ -124,6 +124,7 @@ class Fetcher:
         self.directives = set(cfg.disallowed_header_directives)
         self.total_timeout = cfg.total_timeout if cfg.total_timeout is not None else 3 * cfg.timeout
         self.robots = RobotsCache(cfg.user_agent_token or "*") if cfg.check_robots_txt else None
+        self.tdmrep = TdmRepCache() if cfg.respect_tdm_reservation else None
 
     def close(self) -> None:
         self.pm.clear()
@@ -141,10 +142,9 @@ class Fetcher:
         attempt = 0
         while True:
             try:
-                if self.robots is not None:
-                    why = self.robots.check(_origin(url), url, lambda u: self._robots_fetch(u, deadline))
-                    if why:
-                        return Fetched(status=Status.OPTED_OUT.value, reason=why)
+                why = self._file_optout(url, deadline)
+                if why:
+                    return Fetched(status=Status.OPTED_OUT.value, reason=why)
                 return self._fetch_once(url, deadline)
             except DownloadError as e:
                 if e.retryable and e.retry_after is None and attempt < self.cfg.retries:
@@ -161,6 +161,15 @@ class Fetcher:
                 return Fetched(status=Status.BLOCKED_ADDRESS.value, reason=str(e))
             except InvalidURL as e:
                 return Fetched(status=Status.INVALID_URL.value, reason=str(e))
+
+    def _file_optout(self, url: str, deadline: float) -> str | None:
+        """The opt-out reason from the origin's robots.txt or tdmrep.json, if either is checked."""
+        for files in (self.robots, self.tdmrep):
+            if files is not None:
+                why = files.check(_origin(url), url, lambda u: self._robots_fetch(u, deadline))
+                if why:
+                    return why
+        return None
 
     def _robots_fetch(self, url: str, deadline: float) -> tuple[int, bytes]:
         got = self._fetch_once(url, deadline, cap=_ROBOTS_CAP, check_optout=False, any_status=True)
@@ -201,6 +210,10 @@ class Fetcher:
                     raise DownloadError("redirect loop", http_status=code)
                 seen.add(nxt)
                 url = nxt
+                if check_optout:  # robots.txt / tdmrep.json of where the redirect leads
+                    why = self._file_optout(url, deadline)
+                    if why:
+                        return Fetched(http_status=code, status=Status.OPTED_OUT.value, reason=why)
                 continue
             reading = False
             try:

@@ -6,10 +6,13 @@ once; threads take the next URL whose host has room, so a slow URL holds up only
 and never the rows behind it, and up to ``thread_count`` requests stay in flight across
 micro-batch boundaries. Rules, all per host (``host:port``):
 
-* at most ``max_per_host`` requests in flight (the connection pool holds as many keep-alive
-  connections, so a redirect to another host is capped there too); a 429 or 503 lowers the
-  host's cap below the number of requests it had in flight then (regrowing by one per quiet
-  minute);
+* at most ``max_per_host`` requests in flight from the whole machine (``hostslots``: the download
+  workers of a machine share each host's slots; ``max_per_host_scope: worker`` caps each worker
+  alone); the connection pool holds as many keep-alive connections per worker, so a redirect to
+  another host is capped there too (per worker). A 429 or 503 lowers the
+  host's cap below the number of requests it had in flight then (regrowing by one per
+  ``REGROW`` quiet seconds, so a host that refused once early is not held to one request for
+  the rest of the run);
 * a 429/503 with ``Retry-After`` pauses the host; the URL is fetched again after the wait if the
   wait is at most ``max_retry_after`` and ends before the URL's ``total_timeout`` deadline (up to
   3 waits), else it ends ``rate_limited: ...``. No thread sleeps through a wait;
@@ -32,10 +35,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from schemas import Status
+from stages.download.hostslots import HostSlots
 from stages.download.http import BREAKER_KINDS, Fetched, Fetcher
 from stages.download.urls import InvalidURL, host_key, normalize_url
 
 MAX_RATE_WAITS = 3
+SLOT_POLL = 0.05  # seconds before a host whose machine-wide slots are all taken is looked at again
+MAX_HOSTS = 50_000  # hosts kept in a window's table before idle ones are dropped
+REGROW = 2.0  # quiet seconds (no 429/503) after which a lowered host ceiling grows back by one
 
 
 @dataclass
@@ -63,7 +70,7 @@ class _Host:
     probing: bool = False
     cap: float = 0.0  # current cap, at most ceiling; regrows by one per cap successes
     ceiling: float = 0.0  # max_per_host, lowered below the concurrency at which the host said 429/503
-    lowered_at: float = 0.0  # when the ceiling last moved (it regrows by one per quiet minute)
+    lowered_at: float = 0.0  # when the ceiling last moved (it regrows by one per REGROW quiet seconds)
 
 
 class Session:
@@ -121,12 +128,14 @@ class Window:
         self.fetcher = fetcher
         self.cfg = cfg
         self.cap = cfg.max_per_host
+        self.slots = HostSlots.for_process() if cfg.max_per_host_scope == "machine" else None
         self.cv = threading.Condition()
         self.hosts: dict[str, _Host] = {}
         self.ready: list[tuple[int, str]] = []  # (seq of the host's first waiting URL, host)
         self.delayed: list[tuple[float, str]] = []  # (not before, host)
         self.room = threading.Semaphore(2 * cfg.thread_count)
         self.seq = itertools.count()
+        self.prune_at = MAX_HOSTS
         self.stopped = False
         self.threads = [
             threading.Thread(target=self._work, name=f"download-{i}", daemon=True)
@@ -142,10 +151,29 @@ class Window:
                 key = host_key(url)
                 h = self.hosts.get(key)
                 if h is None:
+                    if len(self.hosts) >= self.prune_at:
+                        self._prune()
                     h = self.hosts[key] = _Host(key, cap=float(self.cap), ceiling=float(self.cap))
                 h.pending.append(_Job(pos, url, key, next(self.seq), session))
                 self._queue(h)
             self.cv.notify(min(len(jobs), len(self.threads)))
+
+    def _prune(self) -> None:
+        """Drop hosts with nothing waiting, in flight, paused, open or lowered (caller holds the
+        lock), so the table stays bounded over a pool of millions of hosts; a dropped host that
+        comes back starts afresh, as a new one."""
+        now = time.monotonic()
+        idle = [
+            k
+            for k, h in self.hosts.items()
+            if not (h.pending or h.inflight or h.queued or h.probing or h.fails)
+            and h.not_before <= now
+            and h.open_until is None
+            and h.ceiling >= self.cap
+        ]
+        for k in idle:
+            del self.hosts[k]
+        self.prune_at = max(MAX_HOSTS, 2 * len(self.hosts))
 
     def forget(self, session: Session) -> None:
         with self.cv:
@@ -190,12 +218,17 @@ class Window:
                         self._queue(h)
                         continue
                     job = h.pending.popleft()
+                    if h.open_until is not None and now < h.open_until:
+                        self._queue(h)
+                        if self.ready:
+                            self.cv.notify()
+                        return job, False
+                    if self.slots is not None and not self.slots.try_take(h.key, self.cap):
+                        h.pending.appendleft(job)  # the machine's slots for this host are in use
+                        h.not_before = max(h.not_before, now + SLOT_POLL)
+                        self._queue(h)
+                        continue
                     if h.open_until is not None:
-                        if now < h.open_until:
-                            self._queue(h)
-                            if self.ready:
-                                self.cv.notify()
-                            return job, False
                         h.probing = job.probe = True  # half-open: this one URL probes the host
                     h.inflight += 1
                     if job.deadline is None:
@@ -253,6 +286,8 @@ class Window:
             now = time.monotonic()
             if fetched:
                 h.inflight -= 1
+                if self.slots is not None:
+                    self.slots.give(job.host)
             if job.probe:
                 h.probing = job.probe = False
             if got is not None and fetched:
@@ -267,7 +302,7 @@ class Window:
                     h.ceiling = max(1.0, min(h.ceiling, float(h.inflight)))
                     h.cap, h.lowered_at = min(h.cap, h.ceiling), now
                 elif got.http_status is not None and got.http_status < 400:
-                    if h.ceiling < self.cap and now - h.lowered_at > 60:
+                    if h.ceiling < self.cap and now - h.lowered_at > REGROW:
                         h.ceiling, h.lowered_at = h.ceiling + 1, now
                     h.cap = min(h.ceiling, h.cap + 1 / h.cap)
                 if got.retry_after is not None:

@@ -218,6 +218,40 @@ def test_tdm_reservation_opt_out(dials):
     assert off.column("status").to_pylist() == ["ok"]
 
 
+def test_robots_txt_of_a_redirect_target_is_checked(dials):
+    """A URL on an allowing host that redirects to a path the target host's robots.txt disallows."""
+    robots = "User-agent: *\nDisallow: /private/\n"
+    with WebSim([HostSpec("r", robots=robots, **FAST), HostSpec("plain", **FAST)], IMAGES) as sim:
+        urls = [sim.url("plain", "/goto/r/private/1.jpg", names=True), sim.url("plain", "/goto/r/img/2.jpg", names=True)]
+        out = run(urls, check_robots_txt=True)
+        paths = sim.stats()["paths"]
+    assert out.column("status").to_pylist() == ["opted_out", "ok"]
+    assert out.column("reason")[0].as_py().startswith("robots.txt: http://r.websim.test:")
+    assert "r /private/1.jpg" not in paths  # the disallowed target was never requested
+
+
+def test_tdmrep_well_known_file_opt_out(dials):
+    """TDMRep's /.well-known/tdmrep.json: the first matching location rule applies; checked for the
+    URL and for a redirect target; hosts without the file reserve nothing."""
+    tdmrep = '[{"location": "/img/1.jpg$", "tdm-reservation": 0}, {"location": "/img/*", "tdm-reservation": 1, "tdm-policy": "https://t.example/policy"}]'
+    with WebSim([HostSpec("t", tdmrep=tdmrep, **FAST), HostSpec("plain", **FAST)], IMAGES) as sim:
+        urls = [
+            sim.url("t", "/img/2.jpg", names=True),  # reserved by the /img/* rule
+            sim.url("t", "/img/1.jpg", names=True),  # the earlier rule says 0
+            sim.url("t", "/private/3.jpg", names=True),  # no rule matches
+            sim.url("plain", "/goto/t/img/4.jpg", names=True),  # a redirect into a reserved path
+            sim.url("plain", "/img/5.jpg", names=True),  # no tdmrep.json (404)
+        ]
+        on = run(urls, respect_tdm_reservation=True)
+        fetches = len(sim.stats()["paths"]["t /.well-known/tdmrep.json"])
+        off = run(urls)
+    assert on.column("status").to_pylist() == ["opted_out", "ok", "ok", "opted_out", "ok"]
+    reason = on.column("reason")[0].as_py()
+    assert reason.startswith("tdm-reservation: http://t.websim.test:") and "'/img/*'" in reason
+    assert fetches == 1  # once per origin and worker
+    assert off.column("status").to_pylist() == ["ok"] * 5
+
+
 @pytest.mark.parametrize("later", ["169.254.169.254", "10.0.0.1"])
 def test_dns_cache_does_not_bypass_the_guard(dials, later):
     """The name answers 127.0.0.1 first, then ``later``: the second dial is refused, not made."""
