@@ -232,7 +232,7 @@ def source_fingerprint(source) -> list[dict]:
 
 def describe_change(old: list[dict], new: list[dict]) -> str | None:
     """How input fingerprint ``new`` differs from ``old`` (the first difference), or None."""
-    from stages.read_inputs import shown_path
+    from stages.io import shown_path
 
     before = {f["path"]: f for f in old}
     after = {f["path"]: f for f in new}

@@ -1,5 +1,6 @@
 """Atomic writes to any fsspec filesystem: write ``NAME.tmp-XXXX`` in the same folder, then rename.
-And the one protocol-to-URL rule (``url_of``): local paths as they are, others ``PROTOCOL://path``.
+And the one protocol-to-URL rule (``url_of``): local paths as they are, others ``PROTOCOL://path``;
+``shown_path`` writes a path as a person reads it.
 
 A reader never sees a partial file. A killed writer leaves only ``*.tmp-*`` files, which the next
 run of the same output removes (``pipeline.runs.RunDir.remove_tmp``).
@@ -7,6 +8,7 @@ run of the same output removes (``pipeline.runs.RunDir.remove_tmp``).
 
 from __future__ import annotations
 
+import os
 import posixpath
 import uuid
 
@@ -34,3 +36,12 @@ def url_of(fs, path: str) -> str:
     """A fully qualified URL of ``path`` on ``fs`` that any worker can open: local paths as they are,
     others as ``PROTOCOL://path``."""
     return path if is_local(fs) else f"{protocol_of(fs)}://{path}"
+
+
+def shown_path(url: str) -> str:
+    """A path as a person wants to read it: relative to the working directory when under it."""
+    if "://" in url and not url.startswith("file://"):
+        return url
+    p = url[len("file://") :] if url.startswith("file://") else url
+    cwd = os.getcwd()
+    return os.path.relpath(p, cwd) if p.startswith(cwd + os.sep) else p

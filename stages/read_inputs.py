@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from stages.io import url_of
+from stages.io import shown_path, url_of
 from stages.read import FORMATS, ReadConfig, _fmt_of
 
 INSPECT_BYTES = 1 << 20  # text formats: what the check reads of each file, at most (plus one line)
@@ -39,15 +38,6 @@ def _known_format(path: str) -> str | None:
         return _fmt_of(path, "auto")
     except ValueError:
         return None
-
-
-def shown_path(url: str) -> str:
-    """A path as a person wants to read it: relative to the working directory when under it."""
-    if "://" in url and not url.startswith("file://"):
-        return url
-    p = url[len("file://") :] if url.startswith("file://") else url
-    cwd = os.getcwd()
-    return os.path.relpath(p, cwd) if p.startswith(cwd + os.sep) else p
 
 
 def _has_magic(p: str) -> bool:
