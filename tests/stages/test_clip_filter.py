@@ -74,6 +74,7 @@ def test_acceptance_2_same_rows_as_datacomp(fraction, split):
     want = datacomp_kept(scores, fraction)
     assert state["n"] == len(scores)
     assert state["threshold"] == float(-np.sort(-scores)[int(len(scores) * fraction)])
+    assert state["rules"][0]["threshold"] == state["threshold"]
     assert state["kept"] == int(want.sum())
     out = pa.concat_tables([stage(table.slice(i, 999)) for i in range(0, table.num_rows, 999)])
     kept = np.array(out.column("status").to_pylist()) == "ok"
@@ -81,7 +82,7 @@ def test_acceptance_2_same_rows_as_datacomp(fraction, split):
     assert set(out.column("status").to_pylist()) <= {"ok", "filtered_clip"}
 
 
-def test_pool_is_ok_rows_only_and_null_scores_are_left_alone():
+def test_pool_is_ok_rows_only_and_null_scores_are_missing():
     scores = pool(1000, seed=3)
     keys = [f"{i:09d}" for i in range(1000)]
     status = ["ok"] * 1000
@@ -91,16 +92,20 @@ def test_pool_is_ok_rows_only_and_null_scores_are_left_alone():
     table = conform(pa.table({"key": keys, "clip_score": with_nulls, "status": status}))
     stage = ClipFilter(ClipFilterConfig(top_fraction=0.3))
     state = fit(stage, [table.slice(0, 500), table.slice(500)])
-    in_pool = np.array([s == "ok" and i % 10 != 5 for i, s in enumerate(status)])
-    want = datacomp_kept(scores[in_pool], 0.3)
-    assert state["n"] == int(in_pool.sum()) == 800
+    # DataComp's pool is every row (pandas reads a null as NaN): the null scores count in N, sort last
+    # and are never kept.
+    in_pool = np.array([s == "ok" for s in status])
+    pool_scores = np.where([i % 10 == 5 for i in range(1000)], np.nan, scores)[in_pool]
+    want = datacomp_kept(pool_scores, 0.3)
+    assert state["n"] == int(in_pool.sum()) == 900
+    assert state["rules"][0]["n_missing"] == 100 and state["rules"][0]["n_nan"] == 0
     out = stage(table).to_pylist()
     assert np.array_equal(np.array([r["status"] == "ok" for r in out])[in_pool], want)
     for i, r in enumerate(out):
         if status[i] != "ok":
             assert r["status"] == "download_failed" and r["reason"] is None
         elif i % 10 == 5:
-            assert r["status"] == "ok"  # null score: untouched
+            assert (r["status"], r["reason"]) == ("filtered_clip", "clip_score:missing clip_score is missing (null)")
 
 
 def test_reason_names_score_threshold_and_rule():
@@ -112,7 +117,7 @@ def test_reason_names_score_threshold_and_rule():
     assert state["threshold"] == pytest.approx(0.7) and state["kept"] == 4
     out = stage(table).to_pylist()
     assert [r["status"] for r in out] == ["filtered_clip"] * 6 + ["ok"] * 4
-    assert out[0]["reason"] == "clip:top_fraction clip_score 0.1000 < 0.7000 (top_fraction 0.3 of 10)"
+    assert out[0]["reason"] == "clip_score:top_fraction clip_score 0.1000 < 0.7000 (top_fraction 0.3 of 10)"
     assert out[0]["rejected_by"] == "clip_filter"
     assert stage.state_summary(state)["threshold"] == state["threshold"]
 
@@ -122,12 +127,12 @@ def test_min_score_alone_and_display_digits():
     table = table_of(["0", "1", "2", "3"], scores)
     stage = ClipFilter(ClipFilterConfig(min_score=0.28))
     state = fit(stage, [table])
-    assert state["threshold"] is None and state["n"] == 3
+    assert state["threshold"] is None and state["n"] == 4  # the NaN counts in the pool
     out = stage(table).to_pylist()
     # 0.28 as float32 is 0.2800000012 >= 0.28: kept, as a float64 compare says.
     assert [r["status"] for r in out] == ["filtered_clip", "ok", "ok", "filtered_clip"]
-    assert out[0]["reason"] == "clip:min_score clip_score 0.279990 < min_score 0.280000"
-    assert out[3]["reason"] == "clip:nan clip_score is NaN"
+    assert out[0]["reason"] == "clip_score:min_score clip_score 0.279990 < min_score 0.280000"
+    assert out[3]["reason"] == "clip_score:nan clip_score is NaN"
     assert state["kept"] == 2
 
 
@@ -143,7 +148,25 @@ def test_edge_cases_of_the_fraction():
     assert fit(stage, [one])["threshold"] == 0.5
     assert stage(one).column("status").to_pylist() == ["ok"]
     empty = fit(ClipFilter(ClipFilterConfig(top_fraction=0.3)), [])
-    assert empty == {"threshold": None, "n": 0, "top_fraction": 0.3, "min_score": None, "kept": 0}
+    assert empty == {
+        "n": 0,
+        "kept": 0,
+        "threshold": None,
+        "top_fraction": 0.3,
+        "min_score": None,
+        "rules": [
+            {
+                "column": "clip_score",
+                "top_fraction": 0.3,
+                "min_score": None,
+                "max_score": None,
+                "threshold": None,
+                "n_nan": 0,
+                "n_missing": 0,
+                "kept": 0,
+            }
+        ],
+    }
 
 
 def test_config_errors():
