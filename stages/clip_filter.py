@@ -87,31 +87,41 @@ class ScoreRule(RoleConfig):
 
 class ClipFilterConfig(StageConfig):
     column: str = Field(
-        DEFAULT_COLUMN, min_length=1, description="The score column the top-level keys filter on (any numeric "
-        "column an earlier stage produces, e.g. `clip_l14` or `nsfw`)."
+        DEFAULT_COLUMN,
+        min_length=1,
+        description="The score column the top-level keys filter on (any numeric "
+        "column an earlier stage produces, e.g. `clip_l14` or `nsfw`).",
     )
     top_fraction: float | None = Field(
-        None, gt=0, le=1, description="Keep this top share of the pool (DataComp's rule: keep score >= "
-        "the score at index `int(N * top_fraction)` of the descending sort; NaN and missing scores count in N)."
+        None,
+        gt=0,
+        le=1,
+        description="Keep this top share of the pool (DataComp's rule: keep score >= "
+        "the score at index `int(N * top_fraction)` of the descending sort; NaN and missing scores count in N).",
     )
     min_score: float | None = Field(None, description="Absolute threshold: keep `score >= min_score`.")
-    max_score: float | None = Field(None, description="Absolute ceiling: keep `score <= max_score` (e.g. an NSFW score).")
+    max_score: float | None = Field(
+        None, description="Absolute ceiling: keep `score <= max_score` (e.g. an NSFW score)."
+    )
     rules: list[ScoreRule] | None = Field(
-        None, description="Several rules that must all hold, instead of the top-level keys: a list of "
+        None,
+        description="Several rules that must all hold, instead of the top-level keys: a list of "
         "`{column, top_fraction, min_score, max_score}` (column default `clip_score`, at least one bound each), "
         "each judged over the whole pool entering the stage, e.g. `[{column: clip_l14, top_fraction: 0.3}, "
-        "{column: nsfw, max_score: 0.5}]`."
+        "{column: nsfw, max_score: 0.5}]`.",
     )
 
     @model_validator(mode="after")
     def _one(self):
         if self.rules is not None:
             set_top = [k for k in _TOP if getattr(self, k) is not None]
-            set_top += ["column"] if "column" in self.model_fields_set else []
+            set_top += ["column"] if self.column != DEFAULT_COLUMN else []  # (configs round-trip as JSON)
             if set_top:
                 raise ValueError(f"'rules' replaces the top-level keys; move {set_top} into a rule")
             if not self.rules:
-                raise ValueError("'rules' is empty: give at least one {column, top_fraction/min_score/max_score}")
+                raise ValueError(
+                    "'rules' is empty: give at least one {column, top_fraction/min_score/max_score}"
+                )
             return self
         _check_bounds(self)
         return self
@@ -177,7 +187,11 @@ def _fmt_pair(a: float, b: float) -> tuple[str, str]:
 
 def _passes(vals: np.ndarray, rule: dict[str, Any]) -> np.ndarray:
     ok = ~np.isnan(vals)
-    for key, cmp in (("threshold", np.greater_equal), ("min_score", np.greater_equal), ("max_score", np.less_equal)):
+    for key, cmp in (
+        ("threshold", np.greater_equal),
+        ("min_score", np.greater_equal),
+        ("max_score", np.less_equal),
+    ):
         if rule.get(key) is not None:
             ok &= cmp(vals, rule[key], where=ok, out=np.zeros_like(ok))
     return ok

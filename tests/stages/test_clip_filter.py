@@ -105,7 +105,10 @@ def test_pool_is_ok_rows_only_and_null_scores_are_missing():
         if status[i] != "ok":
             assert r["status"] == "download_failed" and r["reason"] is None
         elif i % 10 == 5:
-            assert (r["status"], r["reason"]) == ("filtered_clip", "clip_score:missing clip_score is missing (null)")
+            assert (r["status"], r["reason"]) == (
+                "filtered_clip",
+                "clip_score:missing clip_score is missing (null)",
+            )
 
 
 def test_reason_names_score_threshold_and_rule():
@@ -200,3 +203,214 @@ def test_datacomp_workflow_validates():
         256,
     )
     assert p.stages[5].config.top_fraction == 0.3
+
+
+# ---- NaN and missing scores, any column, combined rules (issue #14) -----------------------------
+
+
+def datacomp_pool_threshold(values: np.ndarray, fraction: float) -> float:
+    """DataComp's ``get_threshold`` as written, on a pool whose scores hold NaN (pandas reads a null
+    as NaN): ``n = int(len(df) * fraction)``; ``-np.sort(-df[key].values)[n]``."""
+    n = int(len(values) * fraction)
+    return float(-np.sort(-values)[n])
+
+
+def with_rule_column(table: pa.Table) -> pa.Table:
+    """The lead's shared ``rule`` column (added to the base schema by another branch); set_status
+    writes it where the table has one."""
+    if "rule" in table.column_names:
+        return table
+    return table.append_column("rule", pa.nulls(table.num_rows, pa.string()))
+
+
+def test_injected_nan_and_missing_scores_count_in_the_pool_and_are_rejected():
+    """Acceptance 4: NaN scores are never ok; they count in N as DataComp counts them."""
+    rng = np.random.default_rng(11)
+    scores = pool(1000, seed=4).astype(np.float64)
+    nan_at = rng.choice(1000, 50, replace=False)
+    null_at = rng.choice(np.setdiff1d(np.arange(1000), nan_at), 30, replace=False)
+    scores[nan_at] = np.nan
+    col = pa.array([None if i in set(null_at) else float(s) for i, s in enumerate(scores)], pa.float32())
+    table = with_rule_column(
+        conform(
+            pa.table({"key": [f"{i:04d}" for i in range(1000)], "clip_score": col, "status": ["ok"] * 1000})
+        )
+    )
+    stage = ClipFilter(ClipFilterConfig(top_fraction=0.3))
+    state = fit(stage, [table.slice(0, 333), table.slice(333)])
+    pandas_view = np.where(np.isin(np.arange(1000), null_at), np.nan, scores.astype(np.float32)).astype(
+        np.float32
+    )
+    thr = datacomp_pool_threshold(pandas_view, 0.3)
+    assert state["n"] == 1000  # NaN and missing scores are in the pool size
+    assert (state["rules"][0]["n_nan"], state["rules"][0]["n_missing"]) == (50, 30)
+    assert state["threshold"] == thr  # index int(1000 * 0.3) = 300 of the descending sort, NaNs last
+    want = pandas_view >= thr  # NaN >= thr is False: DataComp never keeps them
+    assert state["kept"] == int(want.sum()) >= 301  # int(0.3 * 1000) + 1, plus ties at the bar
+    out = stage(table).to_pylist()
+    assert np.array_equal(np.array([r["status"] == "ok" for r in out]), want)
+    for i in nan_at:
+        r = out[i]
+        assert (r["status"], r["reason"], r["rule"]) == (
+            "filtered_clip",
+            "clip_score:nan clip_score is NaN",
+            "clip_score:nan",
+        )
+    for i in null_at:
+        assert (out[i]["status"], out[i]["rule"]) == ("filtered_clip", "clip_score:missing")
+        assert out[i]["reason"] == "clip_score:missing clip_score is missing (null)"
+    low = next(r for r in out if r["rule"] == "clip_score:top_fraction")
+    assert low["reason"].endswith("(top_fraction 0.3 of 1000)")  # the pool size, NaN and missing included
+    # min_score alone: a NaN fails it too (NaN >= x is false)
+    stage = ClipFilter(ClipFilterConfig(min_score=-1.0))
+    fit(stage, [table])
+    out = stage(table).to_pylist()
+    assert [i for i, r in enumerate(out) if r["status"] != "ok"] == sorted([*nan_at, *null_at])
+
+
+def test_threshold_past_the_scored_rows_keeps_every_scored_row():
+    """int(N * f) lands on a NaN: DataComp's threshold would be NaN (keeping nothing); here every
+    scored row is kept and the NaN ones are still rejected."""
+    scores = np.array([0.5, 0.4, np.nan, 0.3, np.nan, np.nan, 0.2, np.nan, 0.1, np.nan], np.float32)
+    table = table_of([str(i) for i in range(10)], scores)
+    stage = ClipFilter(ClipFilterConfig(top_fraction=0.6))
+    state = fit(stage, [table])
+    assert np.isnan(datacomp_pool_threshold(scores, 0.6))  # what DataComp computes
+    assert state["threshold"] is None and state["kept"] == 5 and state["n"] == 10
+    assert [r["status"] == "ok" for r in stage(table).to_pylist()] == list(~np.isnan(scores))
+
+
+def two_scores(n: int, seed: int) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    clip = np.round(rng.normal(0.3, 0.05, n), 3).astype(np.float32)
+    clip[rng.random(n) < 0.02] = np.nan
+    nsfw = np.round(rng.random(n), 2)
+    return with_rule_column(
+        conform(
+            pa.table(
+                {
+                    "key": [f"{i:05d}" for i in range(n)],
+                    "clip_l14": pa.array(clip, pa.float32()),
+                    "nsfw": pa.array(
+                        [None if i % 97 == 0 else float(v) for i, v in enumerate(nsfw)], pa.float64()
+                    ),
+                    "status": ["ok"] * n,
+                }
+            )
+        )
+    )
+
+
+def test_combined_rules_all_must_hold_each_over_the_whole_pool():
+    table = two_scores(5000, seed=2)
+    cfg = ClipFilterConfig(
+        rules=[{"column": "clip_l14", "top_fraction": 0.3}, {"column": "nsfw", "max_score": 0.5}]
+    )
+    stage = ClipFilter(cfg)
+    assert stage.required_columns() == ("clip_l14", "nsfw") and stage.fit_columns == ("clip_l14", "nsfw")
+    state = fit(stage, random_partitions(table, 9, seed=3), seed=3)
+    clip = table.column("clip_l14").to_numpy(zero_copy_only=False)
+    nsfw = np.array([np.nan if v is None else v for v in table.column("nsfw").to_pylist()])
+    thr = datacomp_pool_threshold(clip, 0.3)  # over the whole pool, not over the nsfw-passing rows
+    want = (clip >= thr) & (nsfw <= 0.5)
+    assert state["rules"][0]["threshold"] == thr and "threshold" not in state  # no flat key: two columns
+    assert state["kept"] == int(want.sum()) and state["n"] == 5000
+    assert state["rules"][1] == {
+        "column": "nsfw", "top_fraction": None, "min_score": None, "max_score": 0.5, "threshold": None,
+        "n_nan": 0, "n_missing": 52, "kept": int((nsfw <= 0.5).sum()),
+    }  # fmt: skip
+    out = pa.concat_tables([stage(table.slice(i, 700)) for i in range(0, 5000, 700)]).to_pylist()
+    assert np.array_equal(np.array([r["status"] == "ok" for r in out]), want)
+    for r, c, s in zip(out, clip, nsfw):
+        # the first failing rule in list order names the row
+        if np.isnan(c):
+            assert r["rule"] == "clip_l14:nan"
+        elif c < thr:
+            assert r["rule"] == "clip_l14:top_fraction"
+        elif np.isnan(s):
+            assert r["rule"] == "nsfw:missing"
+        elif s > 0.5:
+            assert r["rule"] == "nsfw:max_score" and r["reason"].startswith("nsfw:max_score nsfw ")
+            assert " > max_score 0.5000" in r["reason"]
+        else:
+            assert r["status"] == "ok" and r["rule"] is None and r["reason"] is None
+    assert {r["rule"] for r in out} == {
+        None,
+        "clip_l14:nan",
+        "clip_l14:top_fraction",
+        "nsfw:missing",
+        "nsfw:max_score",
+    }
+
+
+def test_single_rule_on_another_column_and_bounds_are_inclusive():
+    table = two_scores(200, seed=5)
+    stage = ClipFilter(ClipFilterConfig(column="nsfw", min_score=0.1, max_score=0.5))
+    assert stage.required_columns() == ("nsfw",)
+    state = fit(stage, [table])
+    assert "threshold" not in state  # the report's flat keys are for clip_score only
+    out = stage(table).to_pylist()
+    for r in out:
+        v = r["nsfw"]
+        assert (r["status"] == "ok") == (v is not None and 0.1 <= v <= 0.5)
+
+
+def test_string_scores_from_the_read_stage_are_parsed():
+    """``save_additional_columns`` keeps input columns as strings (JSON numbers, ``NaN``)."""
+    vals = ["0.9", "0.1", "NaN", None, "abc", "0.5"]
+    table = with_rule_column(
+        conform(pa.table({"key": list("abcdef"), "status": ["ok"] * 6, "clip_l14_similarity_score": vals}))
+    )
+    stage = ClipFilter(ClipFilterConfig(column="clip_l14_similarity_score", top_fraction=0.3))
+    state = fit(stage, [table])
+    assert state["n"] == 6 and state["rules"][0]["threshold"] == 0.5  # int(6 * 0.3) = 1: the second highest
+    out = stage(table).to_pylist()
+    assert [r["status"] for r in out] == [
+        "ok",
+        "filtered_clip",
+        "filtered_clip",
+        "filtered_clip",
+        "filtered_clip",
+        "ok",
+    ]
+    assert [r["rule"] for r in out][2:5] == [
+        f"clip_l14_similarity_score:{t}" for t in ("nan", "missing", "nan")
+    ]
+
+
+def test_rule_config_errors_and_the_plan_checks_rule_columns():
+    def load(body, read=None):
+        return from_dict(
+            {
+                "stages": [
+                    {"read": {"path": "x.parquet", **(read or {})}},
+                    {"clip_filter": body},
+                    {"write": {}},
+                ]
+            },
+            source="w.yaml",
+        )
+
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\] \(clip_filter\): .*'rules' replaces the top-level keys.*top_fraction"
+    ):
+        load({"top_fraction": 0.3, "rules": [{"column": "a", "min_score": 0}]})
+    with pytest.raises(ConfigError, match="'rules' is empty"):
+        load({"rules": []})
+    with pytest.raises(ConfigError, match="min_score 0.6 > max_score 0.5"):
+        load({"rules": [{"column": "nsfw", "min_score": 0.6, "max_score": 0.5}]})
+    with pytest.raises(ConfigError, match="set 'top_fraction'"):
+        load({"rules": [{"column": "nsfw"}]})
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key 'rules.0.min' — allowed keys: column, max_score, min_score, top_fraction",
+    ):
+        load({"rules": [{"column": "nsfw", "min": 0.5}]})
+
+    from pipeline import plan
+
+    rules = {"rules": [{"column": "clip_l14", "top_fraction": 0.3}, {"column": "nsfw", "max_score": 0.5}]}
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(clip_filter\): requires column 'clip_l14'"):
+        plan.check(load(rules))
+    steps = plan.check(load(rules, {"save_additional_columns": ["clip_l14", "nsfw"]}))
+    assert steps[1].requires == ("clip_l14", "nsfw")
