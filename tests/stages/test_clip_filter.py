@@ -18,7 +18,7 @@ import pytest
 
 from pipeline.config import ConfigError, from_dict
 from schemas import conform
-from stages.clip_filter import ClipFilter, ClipFilterConfig
+from stages.clip_filter import ClipFilter, ClipFilterConfig, ScoreRule
 
 
 def datacomp_kept(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -186,23 +186,45 @@ def test_config_errors():
         ClipFilter(ClipFilterConfig(min_score=0.1)).process(table_of(["0"], np.array([0.5], np.float32)))
 
 
-def test_datacomp_workflow_validates():
-    pytest.importorskip("stages.clip_score")
-    pytest.importorskip("stages.download")
-    path = Path(__file__).resolve().parents[2] / "workflows" / "datacomp_clip.yaml"
+def _workflow(name: str):
+    from pipeline import plan
     from pipeline.config import load
 
-    p = load(path)
-    names = [s.name for s in p.stages]
-    assert names == ["read", "download", "basic_filter", "dedup", "clip_score", "clip_filter", "write"]
-    cs = p.stages[4].config
-    assert (cs.model, cs.pretrained, cs.num_gpus, cs.batch_size) == (
+    pipe = load(Path(__file__).resolve().parents[2] / "workflows" / name)
+    plan.check(pipe)  # validates and plans without the weights (nothing is loaded)
+    return pipe, [s.name for s in pipe.stages]
+
+
+def test_datacomp_workflows_are_the_published_baselines():
+    """Acceptance 5: "CLIP score (L/14 30%)" is OpenAI's ViT-L/14, top 30% of the whole pool, no filter
+    before it; "Basic ∩ CLIP" fits the CLIP threshold on the whole pool, then the basic filter; the
+    metadata form filters DataComp's stored L/14 scores before any download."""
+    pytest.importorskip("stages.clip_score")
+    pytest.importorskip("stages.download")
+    p, names = _workflow("datacomp_clip.yaml")
+    assert names == ["read", "download", "clip_score", "clip_filter", "write"]
+    cs, cf = p.stages[2].config, p.stages[3].config
+    assert (cs.model, cs.pretrained, cs.num_gpus, cs.batch_size, cs.min_score) == (
         "ViT-L-14",
-        "datacomp_xl_s13b_b90k",
+        "openai",
         1,
         256,
+        None,
     )
-    assert p.stages[5].config.top_fraction == 0.3
+    assert cf.rule_list() == [ScoreRule(column="clip_score", top_fraction=0.3)]
+
+    p, names = _workflow("datacomp_basic_clip.yaml")
+    assert names == ["read", "download", "clip_score", "clip_filter", "basic_filter", "write"]
+    assert (p.stages[2].config.model, p.stages[2].config.pretrained) == ("ViT-L-14", "openai")
+    assert p.stages[3].config.rule_list() == [ScoreRule(top_fraction=0.3)]
+    bf = p.stages[4].config
+    assert (bf.lang_id, bf.min_words, bf.min_chars, bf.min_image_side, bf.max_aspect_ratio, bf.missing_size) == (
+        "fasttext", 3, 6, 200, 3.0, "reject",
+    )  # fmt: skip
+
+    p, names = _workflow("datacomp_clip_metadata.yaml")
+    assert names == ["read", "clip_filter", "download", "write"]
+    assert p.stages[1].config.rule_list() == [ScoreRule(column="clip_l14_similarity_score", top_fraction=0.3)]
 
 
 # ---- NaN and missing scores, any column, combined rules (issue #14) -----------------------------
