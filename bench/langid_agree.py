@@ -50,7 +50,9 @@ def compare(name: str, captions: list[str]) -> None:
         return n, same / max(n, 1), same_en / max(n, 1), ft_only, py_only
 
     print(f"\n{name}")
-    print("| captions | n | same label | same English decision | en by fastText only | en by py3langid only |")
+    print(
+        "| captions | n | same label | same English decision | en by fastText only | en by py3langid only |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for label, idx in (
         ("all non-empty", list(range(len(captions)))),

@@ -1,4 +1,5 @@
-"""Score filter (``clip_filter``), a global stage: keep the rows whose score columns pass every rule.
+"""Score filter (``clip_filter``), a global stage: keep the rows whose score columns pass every rule
+(it requires the columns its rules name: ``clip_score`` by default).
 
 A rule names a score column (``clip_score`` by default; any numeric column an earlier stage
 produces or the read stage keeps, e.g. ``clip_l14`` or ``nsfw``) and bounds it with any of
