@@ -165,10 +165,10 @@ def _fmt_loc(loc: tuple) -> str:
 
 
 def _models_of(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation allows (one, or the members of a union)."""
+    """The pydantic models an annotation allows (one, the members of a union, or a list's items)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
-    return [a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [m for a in get_args(annotation) for m in _models_of(a)]
 
 
 def _tags(model: type[BaseModel], discriminator: str) -> list[str]:
@@ -185,6 +185,8 @@ def _model_at(model: type[BaseModel] | None, path: tuple) -> type[BaseModel] | N
         if field is None:
             return None
         members, i = _models_of(field.annotation), i + 1
+        if i < len(parts) and parts[i].isdigit():  # an item of a list of models
+            i += 1
         if len(members) == 1:
             model = members[0]
         elif isinstance(field.discriminator, str) and i < len(parts):

@@ -389,18 +389,24 @@ def _align_columns(table: pa.Table, like: pa.Table) -> pa.Table:
     return table.select(names)
 
 
-def set_status(table: pa.Table, mask, status: str, reasons) -> pa.Table:
-    """Set ``status``/``reason`` where ``mask`` is true. ``reasons`` is one string or one per row."""
+def set_status(table: pa.Table, mask, status: str, reasons, rule=None) -> pa.Table:
+    """Set ``status``/``reason`` where ``mask`` is true. ``reasons`` is one string or one per row.
+
+    ``rule``: the short stable rule tag (``<rule>`` or ``<column>:<rule>``), one string or one per
+    row; written to the ``rule`` column where the table has one."""
     mask = pa.array(mask, pa.bool_()) if not isinstance(mask, pa.Array | pa.ChunkedArray) else mask
     n = table.num_rows
+
+    def per_row(values) -> pa.Array:
+        return pa.array([values] * n if isinstance(values, str) else list(values), pa.string())
+
     st = pc.if_else(mask, pa.array([str(status)] * n, pa.string()), table.column("status"))
-    if isinstance(reasons, str):
-        rs = pa.array([reasons] * n, pa.string())
-    else:
-        rs = pa.array(list(reasons), pa.string())
-    rsn = pc.if_else(mask, rs, table.column("reason"))
+    rsn = pc.if_else(mask, per_row(reasons), table.column("reason"))
     table = table.set_column(table.column_names.index("status"), "status", st)
     table = table.set_column(table.column_names.index("reason"), "reason", rsn)
+    if rule is not None and "rule" in table.column_names:
+        i = table.column_names.index("rule")
+        table = table.set_column(i, "rule", pc.if_else(mask, per_row(rule), table.column(i).cast(pa.string())))
     return table
 
 

