@@ -209,7 +209,11 @@ class Download(Stage):
             out = replace_column(out, col, vals)
         if cfg.compute_hash:
             hashes = [r.hash for r in rows]
-            if cfg.verify_hash and cfg.verify_hash[0] == cfg.compute_hash and cfg.compute_hash in batch.column_names:
+            if (
+                cfg.verify_hash
+                and cfg.verify_hash[0] == cfg.compute_hash
+                and cfg.compute_hash in batch.column_names
+            ):
                 # the input's expected hash stays where none was computed (hash_mismatch, failed rows)
                 given = batch.column(cfg.compute_hash).cast(pa.string()).to_pylist()
                 hashes = [h if h is not None else g for h, g in zip(hashes, given)]
