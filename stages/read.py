@@ -10,7 +10,9 @@ Reading happens in two steps, like img2dataset:
    input shards of ``samples_per_shard`` rows, written as small Parquet files (text only) in the run
    directory. The position of a row in the input fixes its shard id and its index, hence its key
    (``f"{shard:0{shard_digits}d}{index:0{index_digits}d}"``, img2dataset's scheme). Keys are then
-   stable across reruns and resume, whatever Ray does.
+   stable across reruns and resume, whatever Ray does. With ``key_col`` the keys are a column's values
+   instead (checked by ``stages.read_keys``: present, dot-free, unique within the run). The columns of
+   ``save_additional_columns`` keep their input types (one type per column over the run).
 2. ``__call__`` (in Ray tasks) loads one or more input shards: a table of shard specs in, rows out.
 
 ``input_format: webdataset`` re-reads tars (ours or img2dataset's) for re-curation without
