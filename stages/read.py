@@ -10,7 +10,9 @@ Reading happens in two steps, like img2dataset:
    input shards of ``samples_per_shard`` rows, written as small Parquet files (text only) in the run
    directory. The position of a row in the input fixes its shard id and its index, hence its key
    (``f"{shard:0{shard_digits}d}{index:0{index_digits}d}"``, img2dataset's scheme). Keys are then
-   stable across reruns and resume, whatever Ray does.
+   stable across reruns and resume, whatever Ray does. With ``key_col`` the keys are a column's values
+   instead (checked by ``stages.read_keys``: present, dot-free, unique within the run). The columns of
+   ``save_additional_columns`` keep their input types (one type per column over the run).
 2. ``__call__`` (in Ray tasks) loads one or more input shards: a table of shard specs in, rows out.
 
 ``input_format: webdataset`` re-reads tars (ours or img2dataset's) for re-curation without
@@ -21,7 +23,6 @@ as rows with status ``ok``.
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import tarfile
@@ -30,19 +31,20 @@ from typing import Literal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from schemas import OK, conform
 from schemas.members import IMAGE_EXTS, split_member
 from schemas.row import FILLED_LATER, SHARD_COL, key_digits, make_key  # noqa: F401 - key_digits re-exported
 from schemas.row import SHARD_SPEC_SCHEMA as SPEC_SCHEMA  # noqa: F401 - re-exported
-from stages.base import Resources, RoleConfig, path_field
+from stages.base import Resources, RoleConfig, StageFailed, path_field
+from stages.read_files import iter_key_batches, stream_file
 from stages.roles import Source
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset")
+# Columns the pipeline sets on every row: never carried from the input by save_additional_columns.
+RESERVED_COLUMNS = frozenset({"key", "status", "reason", "rejected_by", "image", SHARD_COL})
 
 
 class ReadConfig(RoleConfig):
@@ -59,8 +61,20 @@ class ReadConfig(RoleConfig):
     caption_col: str | None = Field("caption", description="Column holding the caption; null: no captions.")
     save_additional_columns: list[str] = Field(
         [],
-        description="Input columns carried to the output (Parquet and the tar's json), as strings: text as is, "
-        "other values JSON-encoded (true, 3, [1, 2]).",
+        description="Input columns carried to the output with their types (Parquet and the tar's json): "
+        "floats stay floats, lists stay lists (img2dataset's option). A column's type is the one of the "
+        "rows read first; later files must convert to it.",
+    )
+    key_col: str | None = Field(
+        None,
+        description="A column whose values are the sample keys (DataComp's `uid`) instead of keys from the "
+        "row's position; each key must be unique in the run, non-empty, without `.`, `/` or `\\`, at most "
+        "80 bytes (checked before the run, one line naming the key and the rows).",
+    )
+    column_names: list[str] | None = Field(
+        None,
+        description="csv/tsv without a header line (CC3M, CC12M: `caption<TAB>url`): the names of the "
+        "columns in order; every line is then a row. null: the first line is the header.",
     )
     csv_delimiter: str | None = Field(None, description="Text formats; default: `,` for csv, tab for tsv.")
     allow_empty: bool = Field(
@@ -68,6 +82,39 @@ class ReadConfig(RoleConfig):
         description="An input with no rows is an error (one line, before Ray starts); true: run it anyway "
         "(an output with no shards).",
     )
+
+    @field_validator("save_additional_columns")
+    @classmethod
+    def _not_reserved(cls, v):
+        bad = [c for c in v if c in RESERVED_COLUMNS]
+        if bad:
+            hint = " (use key_col to take the keys from a column)" if "key" in bad else ""
+            raise ValueError(
+                f"{bad[0]!r} is a column clipcurate sets; it cannot be carried from the input{hint}"
+            )
+        return v
+
+    @field_validator("column_names")
+    @classmethod
+    def _names(cls, v, info: ValidationInfo):
+        if v is None:
+            return v
+        if not v or any(not isinstance(c, str) or not c for c in v):
+            raise ValueError("column_names must be a non-empty list of non-empty names")
+        dup = next((c for c in v if v.count(c) > 1), None)
+        if dup is not None:
+            raise ValueError(f"column_names names {dup!r} twice")
+        d = info.data
+        wanted = [
+            d.get("url_col"),
+            d.get("caption_col"),
+            d.get("key_col"),
+            *(d.get("save_additional_columns") or []),
+        ]
+        missing = [c for c in wanted if c and c not in v]
+        if missing:
+            raise ValueError(f"column {missing[0]!r} (a configured column) is not one of column_names {v}")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -122,7 +169,9 @@ class Read(Source):
         return FILLED_LATER if self.reads_webdataset() else ()
 
     def extra_produces(self) -> dict[str, pa.DataType]:
-        return {c: pa.string() for c in self.config.save_additional_columns}
+        # The columns keep the input's types, known once the input is read (``ColumnTypes``):
+        # declared here by name, with the null type standing for "the input's type".
+        return {c: pa.null() for c in self.config.save_additional_columns}
 
     def reads_webdataset(self) -> bool:
         """True when the input is WebDataset tars (re-curation): rows then come with their images."""
@@ -157,20 +206,47 @@ class Read(Source):
 
     # ---- driver side: split into input shards ------------------------------------------------
     def iter_input_batches(self) -> Iterator[pa.Table]:
-        """Stream the input list as tables with columns url, caption, and the additional columns."""
+        """Stream the input list as tables with columns url, caption, the additional columns (with their
+        input types, one type per column over the whole input) and, with ``key_col``, key. Raises
+        ``StageFailed`` (one line) on keys that are missing, dotted or not unique, or on a column whose
+        type changes from file to file in a way that does not convert."""
+        from stages.read_inputs import shown_path
+        from stages.read_keys import BadKey, ColumnTypes, KeyCheck, TypeConflict
+
         cfg = self.config
-        for path in expand_paths(cfg.path, cfg.input_format):
-            fmt = _fmt_of(path, cfg.input_format)
-            if fmt == "webdataset":
-                raise ValueError("webdataset input is split per tar; iter_input_batches is for URL lists")
-            yield from (self._select(t, path) for t in _stream_file(path, fmt, cfg))
+        types = ColumnTypes(cfg.save_additional_columns, shown_path)
+        keys = KeyCheck(cfg.key_col, shown_path) if cfg.key_col else None
+        try:
+            for path in expand_paths(cfg.path, cfg.input_format):
+                fmt = _fmt_of(path, cfg.input_format)
+                if fmt == "webdataset":
+                    raise ValueError("webdataset input is split per tar; iter_input_batches is for URL lists")
+                first = 0
+                for t in stream_file(path, fmt, cfg):
+                    t = types.fix(self._select(t, path), path)
+                    if keys is not None:
+                        keys.add(t.column("key"), path, first)
+                    first += t.num_rows
+                    yield t
+            if keys is not None:
+                keys.finish(self.iter_keys)
+        except BadKey as e:
+            raise StageFailed(self.name, f"key 'key_col': {e}") from None
+        except TypeConflict as e:
+            raise StageFailed(self.name, f"key 'save_additional_columns': {e}") from None
+
+    def iter_keys(self) -> Iterator[tuple[pa.Array, str, int]]:
+        """``iter_key_batches`` over the input's files."""
+        cfg = self.config
+        paths = expand_paths(cfg.path, cfg.input_format)
+        return iter_key_batches(cfg, [(p, _fmt_of(p, cfg.input_format)) for p in paths])
 
     def _select(self, t: pa.Table, path: str) -> pa.Table:
         cfg = self.config
         cols = {}
         missing = [
             c
-            for c in [cfg.url_col, cfg.caption_col, *cfg.save_additional_columns]
+            for c in [cfg.url_col, cfg.caption_col, cfg.key_col, *cfg.save_additional_columns]
             if c and c not in t.column_names
         ]
         if missing:
@@ -181,13 +257,10 @@ class Read(Source):
             if cfg.caption_col
             else pa.nulls(t.num_rows, pa.string())
         )
+        if cfg.key_col:
+            cols["key"] = t.column(cfg.key_col).cast(pa.string())
         for c in cfg.save_additional_columns:
-            col = t.column(c)
-            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-                col = pa.array(
-                    [None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string()
-                )
-            cols[c] = col.cast(pa.string())
+            cols[c] = t.column(c)  # as typed in the input (``ColumnTypes`` keeps one type per column)
         return pa.table(cols)
 
     def split(self, samples_per_shard: int, write_shard) -> list[int]:
@@ -231,8 +304,11 @@ class Read(Source):
 
     def _load_rows(self, shard: pa.Table, spec: dict) -> pa.Table:
         n = shard.num_rows
-        keys = [make_key(spec["shard"], i, spec["shard_digits"], spec["index_digits"]) for i in range(n)]
-        t = shard.append_column("key", pa.array(keys, pa.string()))
+        if "key" in shard.column_names:  # key_col: the keys came with the rows
+            t = shard
+        else:
+            keys = [make_key(spec["shard"], i, spec["shard_digits"], spec["index_digits"]) for i in range(n)]
+            t = shard.append_column("key", pa.array(keys, pa.string()))
         t = t.append_column("status", pa.array([OK] * n, pa.string()))
         t = t.append_column(SHARD_COL, pa.array([spec["shard"]] * n, pa.int32()))
         return conform(t)
@@ -279,11 +355,10 @@ class Read(Source):
                 row[c] = int(v) if isinstance(v, int | float) else None
             row["sha256"] = meta.get("sha256")
             for c in self.config.save_additional_columns:
-                v = meta.get(c)
-                row[c] = None if v is None else v if isinstance(v, str) else json.dumps(v)
+                row[c] = meta.get(c)  # as the json holds it: numbers, lists and objects keep their types
             rows.append(row)
         t = pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())})
-        t = conform(t, self.extra_produces())
+        t = conform(t)
         return t.append_column(SHARD_COL, pa.array([spec["shard"]] * t.num_rows, pa.int32()))
 
 
@@ -295,34 +370,3 @@ def sanitize_member_name(name: str) -> str | None:
     if norm.startswith("../") or norm == ".." or "/../" in f"/{norm}/" or posixpath.isabs(norm):
         return None
     return norm
-
-
-def _stream_file(path: str, fmt: str, cfg: ReadConfig) -> Iterator[pa.Table]:
-    with fsspec.open(path, "rb", compression="infer") as f:
-        if fmt == "parquet":
-            pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=65536):
-                yield pa.Table.from_batches([batch])
-        elif fmt in ("csv", "tsv"):
-            delim = cfg.csv_delimiter or ("\t" if fmt == "tsv" else ",")
-            convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types=None)
-            reader = pacsv.open_csv(
-                f,
-                parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True),
-                convert_options=convert,
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
-            )
-            for batch in reader:
-                yield pa.Table.from_batches([batch])
-        elif fmt == "jsonl":
-            yield pajson.read_json(f, read_options=pajson.ReadOptions(block_size=1 << 24))
-        elif fmt == "json":
-            data = json.load(io.TextIOWrapper(f, "utf-8"))
-            if not isinstance(data, list):
-                raise ValueError(f"{path}: a json input must be a list of objects")
-            yield pa.Table.from_pylist(data)
-        elif fmt == "txt":
-            urls = [line.strip() for line in io.TextIOWrapper(f, "utf-8") if line.strip()]
-            yield pa.table({cfg.url_col: pa.array(urls, pa.string())})
-        else:  # pragma: no cover - guarded by Literal
-            raise ValueError(fmt)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from stages.io import shown_path, url_of
 from stages.read import FORMATS, ReadConfig, _fmt_of
+from stages.read_files import csv_options, iter_key_batches
 
 INSPECT_BYTES = 1 << 20  # text formats: what the check reads of each file, at most (plus one line)
 CHECK_THREADS = 16  # files inspected at once (Parquet footers or first rows; I/O-bound)
@@ -133,6 +134,20 @@ def check_inputs(cfg: ReadConfig) -> list[dict]:
     tars = [f == "webdataset" for f in fmts]
     if any(tars) and not all(tars):
         raise InputError("input_format", "the input mixes WebDataset tars with URL lists; read one kind per run")
+    for key, kinds in (
+        ("column_names", ("csv", "tsv")),
+        ("key_col", ("parquet", "csv", "tsv", "json", "jsonl")),
+    ):
+        if getattr(cfg, key) is None:
+            continue
+        other = next(((i, f) for i, f in zip(infos, fmts) if f not in kinds), None)
+        if other is not None:
+            what = {
+                "column_names": "names the columns of csv/tsv files without a header line",
+                "key_col": "takes the keys from a column of a URL list (a WebDataset input keeps its tars' keys; "
+                "a txt list has only URLs)",
+            }[key]
+            raise InputError(key, f"{key} {what}; {shown_path(other[0]['name'])} is {other[1]}")
     fingerprint = [_fingerprint_entry(i) for i in infos]
     if all(tars):
         return fingerprint  # each tar is one shard; its rows are counted when read
@@ -141,7 +156,7 @@ def check_inputs(cfg: ReadConfig) -> list[dict]:
     if all(rows == 0 for _, rows in looks) and not cfg.allow_empty:
         what = shown_path(infos[0]["name"]) if len(infos) == 1 else f"{len(infos)} files"
         raise InputError("path", f"the input has no rows ({what}); set allow_empty: true to run on an empty input")
-    wanted = [("url_col", cfg.url_col), ("caption_col", cfg.caption_col)]
+    wanted = [("url_col", cfg.url_col), ("caption_col", cfg.caption_col), ("key_col", cfg.key_col)]
     wanted += [("save_additional_columns", c) for c in cfg.save_additional_columns]
     for info, fmt, (columns, rows) in zip(infos, fmts, looks):
         if columns is None or rows == 0:  # unknown (a huge first json object) or nothing to read
@@ -153,7 +168,25 @@ def check_inputs(cfg: ReadConfig) -> list[dict]:
                 raise InputError(
                     key, f"column '{col}' not found in {shown_path(info['name'])} (columns: {shown or 'none'}{hint})"
                 )
+    if cfg.key_col:
+        check_keys(cfg, [(i["name"], f) for i, f in zip(infos, fmts)])
     return fingerprint
+
+
+def check_keys(cfg: ReadConfig, files: list[tuple[str, str]]) -> None:
+    """Read the ``key_col`` column of every file (that column only) and check its keys
+    (``stages.read_keys``): present, no dots or slashes, short enough, unique within the run."""
+    from stages.read_keys import BadKey, KeyCheck
+
+    check = KeyCheck(cfg.key_col, shown_path)
+    try:
+        for keys, path, first in iter_key_batches(cfg, files):
+            check.add(keys, path, first)
+        check.finish(lambda: iter_key_batches(cfg, files))
+    except BadKey as e:
+        raise InputError("key_col", str(e)) from None
+    except (pa.ArrowException, ValueError, UnicodeDecodeError) as e:
+        raise InputError("key_col", f"cannot read column '{cfg.key_col}' as text keys: {e}") from None
 
 
 def _inspect(path: str, fmt: str, cfg: ReadConfig) -> tuple[list[str] | None, int | None]:
@@ -165,16 +198,17 @@ def _inspect(path: str, fmt: str, cfg: ReadConfig) -> tuple[list[str] | None, in
                 pf = pq.ParquetFile(f)
                 return pf.schema_arrow.names, pf.metadata.num_rows
             if fmt in ("csv", "tsv"):
-                delim = cfg.csv_delimiter or ("\t" if fmt == "tsv" else ",")
                 try:
-                    reader = pacsv.open_csv(
-                        f,
-                        parse_options=pacsv.ParseOptions(delimiter=delim, newlines_in_values=True),
-                        read_options=pacsv.ReadOptions(block_size=INSPECT_BYTES),
-                    )
+                    reader = pacsv.open_csv(f, **csv_options(fmt, cfg, INSPECT_BYTES))
                 except pa.ArrowInvalid as e:
                     if "Empty CSV" in str(e):
-                        return [], 0
+                        return ([] if cfg.column_names is None else cfg.column_names), 0
+                    if cfg.column_names is not None and "Expected" in str(e) and "columns" in str(e):
+                        raise InputError(
+                            "column_names",
+                            f"{shown_path(path)}: the first lines do not have the {len(cfg.column_names)} "
+                            f"columns column_names names ({', '.join(cfg.column_names)}): {e}",
+                        ) from None
                     raise
                 for batch in reader:  # the first non-empty block; a header-only file ends at once
                     if batch.num_rows:

@@ -74,7 +74,7 @@ class Write(Sink):
     def _tar(self, rows: pa.Table) -> bytes:
         ok = rows.filter(pc.equal(rows.column("status"), OK))
         meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS]
-        meta = ok.select(meta_cols).to_pylist()
+        meta = json_ready(ok.select(meta_cols)).to_pylist()
         images = ok.column("image").to_pylist()
         rewrites = (
             ok.column("caption_rewrites").to_pylist() if "caption_rewrites" in ok.column_names else None
@@ -136,3 +136,31 @@ class Write(Sink):
             parquet_bytes=pq_bytes,
         )
         return stats.model_dump()
+
+
+def _floats_as(t: pa.DataType, to: pa.DataType) -> pa.DataType:
+    """``t`` with every float16/float32 in it (inside lists and structs too) replaced by ``to``."""
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return to
+    if pa.types.is_list(t):
+        return pa.list_(_floats_as(t.value_type, to))
+    if pa.types.is_large_list(t):
+        return pa.large_list(_floats_as(t.value_type, to))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_floats_as(t.value_type, to), t.list_size)
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_floats_as(f.type, to)) for f in t])
+    return t
+
+
+def json_ready(table: pa.Table) -> pa.Table:
+    """``table`` with its float16/float32 values as the float64 of their shortest decimal form, so the
+    tar's json holds ``0.2`` for a float32 0.2, not ``0.20000000298023224`` (Arrow's float-to-text cast
+    writes the shortest form that reads back as the same float32). Other types are unchanged."""
+    for i, name in enumerate(table.column_names):
+        t = table.column(name).type
+        wide = _floats_as(t, pa.float64())
+        if wide != t:
+            col = table.column(name).cast(_floats_as(t, pa.string())).cast(wide)
+            table = table.set_column(i, name, col)
+    return table

@@ -37,7 +37,9 @@ purpose:
 
 Every row ends ``ok`` or with a status from ``schemas.status`` and a short reason whose first
 word is a stable class tag (see README, "Statuses and reasons"). ``sha256`` (or the
-``compute_hash`` column) is the hash of the bytes as downloaded, like img2dataset;
+``compute_hash`` column) is the hash of the bytes as downloaded, like img2dataset; when ``verify_hash``
+checks that same column, rows with no hash computed (``hash_mismatch``, failed downloads) keep the
+input's expected value there;
 ``width``/``height`` describe the stored (resized) image.
 """
 
@@ -206,7 +208,16 @@ class Download(Stage):
         for col, vals in cols:
             out = replace_column(out, col, vals)
         if cfg.compute_hash:
-            out = replace_column(out, cfg.compute_hash, [r.hash for r in rows], pa.string())
+            hashes = [r.hash for r in rows]
+            if (
+                cfg.verify_hash
+                and cfg.verify_hash[0] == cfg.compute_hash
+                and cfg.compute_hash in batch.column_names
+            ):
+                # the input's expected hash stays where none was computed (hash_mismatch, failed rows)
+                given = batch.column(cfg.compute_hash).cast(pa.string()).to_pylist()
+                hashes = [h if h is not None else g for h, g in zip(hashes, given)]
+            out = replace_column(out, cfg.compute_hash, hashes, pa.string())
         if cfg.extract_exif:
             out = replace_column(out, "exif", [r.exif for r in rows], pa.string())
         if any(s != Status.OK.value for s in status):

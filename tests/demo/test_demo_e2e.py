@@ -76,8 +76,8 @@ def test_clip_filter_separates_mismatched_pairs(demo_run):
     matched ones, measured against the generator's ground truth (over the downloaded rows)."""
     out, _ = demo_run
     df = _parquet(out).filter(pl.col("clip_score").is_not_null())
-    mism = df.filter(pl.col("is_mismatched") == "true")
-    match = df.filter(pl.col("is_mismatched") == "false")
+    mism = df.filter(pl.col("is_mismatched"))  # a bool column, as in the input
+    match = df.filter(~pl.col("is_mismatched"))
     assert mism.height > 30 and match.height > 200
     removed = (mism["status"] == "filtered_clip").mean()
     kept = (match["status"] == OK).mean()

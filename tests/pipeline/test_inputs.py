@@ -256,6 +256,110 @@ def test_folder_of_parquet_equals_the_glob_and_a_changed_input_is_refused(ray_se
     assert "new file" in line and "part-3.parquet" in line
 
 
+# ---- DataComp-like input: typed extra columns and uid keys, through the real pipeline ----------------
+
+DATACOMP_WORKFLOW = """
+name: datacomp_like
+samples_per_shard: 12
+ray: {show_progress: false}
+stages:
+  - read:
+      path: %s
+      key_col: uid
+      save_additional_columns: [uid, clip_l14_similarity_score, face_bboxes, n_faces, is_mismatched]
+  - download: {image_size: 32, timeout: 5, allowed_networks: ["127.0.0.0/8"]}
+  - write: {}
+"""
+
+
+def _datacomp_like(urls: Path, n: int = 24) -> pa.Table:
+    """The demo world's URL list with DataComp's metadata columns: a hex ``uid``, a float32 score,
+    face boxes as lists of lists of float32, an int."""
+    import hashlib
+
+    t = pq.read_table(urls).slice(0, n)
+    uids = [hashlib.md5(u.encode()).hexdigest() for u in t.column("url").to_pylist()]
+    boxes = [[[0.1, 0.2, 0.3, 0.4]] * (i % 3) for i in range(n)]
+    return (
+        t.append_column("uid", pa.array(uids, pa.string()))
+        .append_column("clip_l14_similarity_score", pa.array([i / 40 for i in range(n)], pa.float32()))
+        .append_column("face_bboxes", pa.array(boxes, pa.list_(pa.list_(pa.float32()))))
+        .append_column("n_faces", pa.array([i % 3 for i in range(n)], pa.int64()))
+    )
+
+
+def test_datacomp_types_and_uid_keys_through_the_pipeline(ray_session, demo_urls, tmp_path):
+    import numpy as np
+    import webdataset as wds
+
+    from pipeline import ray as executor
+
+    table = _datacomp_like(demo_urls)
+    pq.write_table(table, tmp_path / "metadata.parquet")
+    wf = tmp_path / "w.yaml"
+    wf.write_text(DATACOMP_WORKFLOW % json.dumps(str(tmp_path / "metadata.parquet")))
+    out = tmp_path / "out"
+
+    def run() -> dict:
+        pipe = config.load(wf, output=str(out))
+        plan.check(pipe)
+        preflight(pipe)
+        return executor.run(pipe)
+
+    first = run()
+    rows = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
+    assert rows.num_rows == table.num_rows == first["total_rows"]
+    for c in ("clip_l14_similarity_score", "face_bboxes", "n_faces", "is_mismatched"):
+        assert rows.schema.field(c).type == table.schema.field(c).type, c
+    by_uid = {r["uid"]: r for r in table.to_pylist()}
+    assert sorted(rows.column("key").to_pylist()) == sorted(by_uid)  # keyed by uid
+    assert rows.column("key").to_pylist() == rows.column("uid").to_pylist()
+    ok = sum(s == "ok" for s in rows.column("status").to_pylist())
+    assert ok >= 18
+
+    samples = list(wds.WebDataset(first["shard_pattern"], shardshuffle=False))
+    assert len(samples) == ok
+    for s in samples:
+        meta = json.loads(s["json"])
+        want = by_uid[s["__key__"]]  # the tar's key is the uid
+        assert meta["key"] == meta["uid"] == s["__key__"]
+        assert isinstance(meta["clip_l14_similarity_score"], float)
+        # the float32 in its shortest form (0.025, not 0.02500000037252903), the same float32
+        assert meta["clip_l14_similarity_score"] == float(str(np.float32(want["clip_l14_similarity_score"])))
+        assert meta["face_bboxes"] == [[0.1, 0.2, 0.3, 0.4]] * want["n_faces"]
+        assert meta["n_faces"] == want["n_faces"] and meta["is_mismatched"] is want["is_mismatched"]
+
+    tars = _tars(out)
+    again = run()  # resume: the same keys, nothing redone
+    assert again["resumed"] and again["total_rows"] == table.num_rows and _tars(out) == tars
+
+
+def test_duplicate_uid_is_refused_before_any_work(tmp_path):
+    t = _datacomp_like_rows(6)
+    uid = t.column("uid")[2].as_py()
+    pq.write_table(t, tmp_path / "a.parquet")
+    pq.write_table(t.slice(2, 1), tmp_path / "b.parquet")
+    wf = tmp_path / "w.yaml"
+    wf.write_text(DATACOMP_WORKFLOW % json.dumps(str(tmp_path / "*.parquet")))
+    line = refused(wf, tmp_path / "out")
+    assert "stages[0] (read): key 'key_col':" in line
+    assert f"duplicate key '{uid}' in column 'uid': row 3 of {tmp_path / 'a.parquet'} and row 1 of" in line
+
+
+def _datacomp_like_rows(n: int) -> pa.Table:
+    return pa.table(
+        {
+            "url": [f"http://127.0.0.1:9/{i}.jpg" for i in range(n)],
+            "caption": [f"caption {i}" for i in range(n)],
+            "uid": [f"{i:032x}" for i in range(n)],
+            "clip_l14_similarity_score": pa.array([i / 10 for i in range(n)], pa.float32()),
+            "face_bboxes": pa.array([[[0.1, 0.2, 0.3, 0.4]]] * n, pa.list_(pa.list_(pa.float32()))),
+            "n_faces": [1] * n,
+            "is_mismatched": [False] * n,
+        }
+    )
+
+
 # ---- the summary ----------------------------------------------------------------------------------
 
 

@@ -433,3 +433,20 @@ def test_a_row_that_raises_in_decoding_is_its_stage_error_and_never_stalls_the_s
     bad = [r for r in out.to_pylist() if r["status"] == "stage_error"][0]
     assert bad["reason"] == "download: KeyError: 'unexpected EXIF layout'" and bad["image"] is None
     assert hits == 40, "every URL fetched once: the failed row is not fetched again"
+
+
+def test_verify_hash_keeps_the_expected_hash_on_hash_mismatch_rows():
+    """DataComp's layout: the input's ``sha256`` column is both the hash checked and the hash computed.
+    A row that matches has it (the bytes' hash); a hash_mismatch row keeps the expected value, not null."""
+    with serve_bad() as srv:
+        ok = srv.url("/exif.jpg")
+        good = hashlib.sha256(make_jpeg(exif=True)).hexdigest()
+        wrong = "0" * 64
+        out = run(
+            [ok, ok, srv.url("/404")],
+            extra_cols={"sha256": [good.upper(), wrong, wrong]},
+            allowed_networks=LOOPBACK,
+            verify_hash=("sha256", "sha256"),
+        )
+    assert out.column("status").to_pylist() == ["ok", "hash_mismatch", "download_failed"]
+    assert out.column("sha256").to_pylist() == [good, wrong, wrong]
