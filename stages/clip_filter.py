@@ -122,20 +122,24 @@ class ClipFilter(Stage):
         min_score = self.config.min_score
         scores = batch.column("clip_score").to_pylist()
         reasons: list[str | None] = []
+        rules: list[str | None] = []
         for s in scores:
-            reason = None
+            reason = rule = None
             if s is None:
                 pass
             elif math.isnan(s):
-                reason = "clip:nan clip_score is NaN"
+                reason, rule = "clip:nan clip_score is NaN", "clip_score:nan"
             elif thr is not None and s < thr:
                 a, b = _fmt_pair(s, thr)
                 reason = f"clip:top_fraction clip_score {a} < {b} (top_fraction {frac} of {n})"
+                rule = "clip_score:top_fraction"
             elif min_score is not None and s < min_score:
                 a, b = _fmt_pair(s, min_score)
                 reason = f"clip:min_score clip_score {a} < min_score {b}"
+                rule = "clip_score:min_score"
             reasons.append(reason)
+            rules.append(rule)
         mask = [r is not None for r in reasons]
         if any(mask):
-            batch = set_status(batch, mask, Status.FILTERED_CLIP, reasons)
+            batch = set_status(batch, mask, Status.FILTERED_CLIP, reasons, rule=rules)
         return batch

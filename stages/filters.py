@@ -99,6 +99,16 @@ class BasicFilterConfig(StageConfig):
         return self
 
 
+# rule tag (``rule`` column) of each reason's first word: ``basic:<the config key>``
+RULES = {
+    "basic:words": "basic:min_words",
+    "basic:chars": "basic:min_chars",
+    "basic:english": "basic:english",
+    "basic:min_side": "basic:min_image_side",
+    "basic:aspect_ratio": "basic:max_aspect_ratio",
+}
+
+
 class BasicFilter(Stage):
     name = "basic_filter"
     Config = BasicFilterConfig
@@ -150,7 +160,8 @@ class BasicFilter(Stage):
         batch = replace_column(batch, "language", langs)
         mask = [r is not None for r in reasons]
         if any(mask):
-            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons)
+            rules = [RULES[r.split(" ", 1)[0]] if r else None for r in reasons]
+            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons, rule=rules)
         return batch
 
     def _reject(self, caption: str, lang: str | None, wh: tuple[int, int] | None) -> str | None:
