@@ -50,26 +50,29 @@ class Budget:
         bytes, while the budget of their (status, rule) lasts. Other rows keep their value."""
         if IMAGE_COLUMN not in table.column_names or THUMBNAIL_COLUMN not in table.column_names:
             return table
-        if not pc.any(pc.and_(mask, pc.is_valid(table.column(IMAGE_COLUMN)))).as_py():
+        images, thumbs = table.column(IMAGE_COLUMN), table.column(THUMBNAIL_COLUMN)
+        wanted = pc.and_(pc.and_(mask, pc.is_valid(images)), pc.is_null(thumbs)).fill_null(False)
+        idx = pc.indices_nonzero(wanted)  # the image bytes of other rows are never touched
+        if not len(idx):
             return table
-        flags = mask.to_pylist()
-        images = table.column(IMAGE_COLUMN).to_pylist()
-        status = table.column("status").to_pylist()
-        rule = table.column("rule").to_pylist() if "rule" in table.column_names else [None] * len(flags)
-        thumbs = table.column(THUMBNAIL_COLUMN).to_pylist()
-        changed = False
-        for i, (m, data) in enumerate(zip(flags, images)):
-            key = (status[i], rule[i] or status[i])
-            if not m or data is None or thumbs[i] is not None or self.used[key] >= self.per_rule:
+        status = table.column("status").take(idx).to_pylist()
+        rules = table.column("rule").take(idx).to_pylist() if "rule" in table.column_names else status
+        made: dict[int, bytes] = {}
+        for i, st, rule in zip(idx.to_pylist(), status, rules):
+            key = (st, rule or st)
+            if self.used[key] >= self.per_rule:
                 continue
-            thumbs[i] = jpeg_thumbnail(data)
-            if thumbs[i] is not None:
+            thumb = jpeg_thumbnail(images[i].as_py())
+            if thumb is not None:
+                made[i] = thumb
                 self.used[key] += 1
-                changed = True
-        if not changed:
+        if not made:
             return table
+        values = thumbs.to_pylist()  # nulls but a few: cheap
+        for i, thumb in made.items():
+            values[i] = thumb
         i = table.column_names.index(THUMBNAIL_COLUMN)
-        return table.set_column(i, THUMBNAIL_COLUMN, pa.array(thumbs, pa.binary()))
+        return table.set_column(i, THUMBNAIL_COLUMN, pa.array(values, pa.binary()))
 
 
 def keep_per_status(table: pa.Table, n: int) -> pa.Table:

@@ -121,11 +121,13 @@ def full_run(ray_session, demo_urls, tmp_path_factory):
         name, cfg = next(iter(s.items()))
         if name == "clip_score":
             cfg = {k: v for k, v in cfg.items() if k != "min_score"}
-            # after download: caption language (py3langid) and short captions out, nothing else
-            basic = {"english": False, "min_image_side": None, "max_aspect_ratio": None}
-            stages.append({"basic_filter": basic})
         if name == "write":
             stages.append({"clip_filter": {"top_fraction": 0.8}})
+            # caption language (py3langid) and short captions out, nothing else; after the actor pools
+            # (a task stage among them would need a third CPU)
+            stages.append(
+                {"basic_filter": {"english": False, "min_image_side": None, "max_aspect_ratio": None}}
+            )
             stages.append({"balance": {"metadata": "demo/assets/shapes_metadata.json", "t": 20}})
         stages.append({name: cfg})
     raw.update(name="demo_full", stages=stages)
