@@ -53,8 +53,9 @@ class ShardStats(BaseModel):
     failed_to_download: int = 0
     failed_to_resize: int = 0
     status_dict: dict[str, int] = Field(default_factory=dict)  # status -> count
-    reason_dict: dict[str, int] = Field(default_factory=dict)  # "status: reason" -> count (top 200, rest summed)
-    rule_dict: dict[str, int] = Field(default_factory=dict)  # "status: first word of reason" -> count
+    # "status: reason" -> count, the reason's per-row numbers as "#" (top 200, rest summed)
+    reason_dict: dict[str, int] = Field(default_factory=dict)
+    rule_dict: dict[str, int] = Field(default_factory=dict)  # "status: rule" -> count (the `rule` column)
     stage_status: dict[str, dict[str, int]] = Field(default_factory=dict)  # stage -> status -> count
     tar_bytes: int = 0
     parquet_bytes: int = 0

@@ -22,6 +22,8 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("status", pa.string(), nullable=False),
     pa.field("reason", pa.string()),
     pa.field("rejected_by", pa.string()),  # name of the stage that set a non-ok status
+    pa.field("rule", pa.string()),  # short stable tag of the rule that rejected the row (README)
+    pa.field("thumbnail", pa.binary()),  # small JPEG of a sample of rejected rows (stages.thumbnails)
 )
 BASE_SCHEMA = pa.schema(BASE_FIELDS)
 
@@ -82,11 +84,14 @@ STAGE_FIELDS: dict[str, pa.DataType] = {
 IMAGE_COLUMN = "image"
 SCORE_COLUMNS: tuple[str, ...] = ("clip_score",)
 REWRITES_COLUMN = "caption_rewrites"
+REWRITE_REASON_COLUMN = "rewrite_reason"  # why a row got fewer rewrites than asked (null: all of them)
+LANGUAGE_COLUMN = "language"  # detected language code of the caption
+THUMBNAIL_COLUMN = "thumbnail"
 
 # Columns nulled when a row is rejected (they are the expensive ones to carry around).
 HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
 # Columns that never go in a sample's ``.json`` inside the tar.
-TAR_EXCLUDED_COLUMNS: frozenset[str] = frozenset({"image", "image_embedding", "text_embedding"})
+TAR_EXCLUDED_COLUMNS: frozenset[str] = frozenset({"image", "image_embedding", "text_embedding", "thumbnail"})
 
 
 def field_type(name: str) -> pa.DataType | None:

@@ -261,6 +261,7 @@ class Balance(Stage):
             keys = batch.column("key").take(pa.array(maybe)).to_pylist()
             keep[maybe] = uniform_draws(keys, self.config.seed) < keep_p[maybe]
         reasons = np.full(n, "no metadata match", dtype=object)
+        rules = np.where(matched, "balance:sampled_out", "balance:no_match").astype(object)
         out_rows = np.flatnonzero(matched & ~keep)
         if len(out_rows):
             # The most frequent entry of each row: sort pairs by row, count (desc), entry id.
@@ -271,7 +272,9 @@ class Balance(Stage):
                 f"sampled out: head entry {entries[h][:80]!r} (count {int(self._counts[h])}, row keep p={p:.3g})"
                 for h, p in zip(heads.tolist(), keep_p[out_rows].tolist())
             ]
-        out = set_status(batch, pa.array(~keep), Status.FILTERED_BALANCE, reasons.tolist())
+        out = set_status(
+            batch, pa.array(~keep), Status.FILTERED_BALANCE, reasons.tolist(), rule=rules.tolist()
+        )
         if self.config.entries_column:
             list_offsets = pa.array(offsets.astype(np.int32))
             out = replace_column(

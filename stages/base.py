@@ -10,8 +10,10 @@ Rules every stage follows (enforced here, so stage code stays small):
 
 * ``__call__`` hands only the ``ok`` rows to ``process``; other rows pass through untouched
   (their ``produces`` columns are null) and the output keeps the input's row order.
-* ``process`` may change ``status``/``reason`` of rows it rejects; the base class nulls the
-  heavy columns (``image``, embeddings) of rows that stopped being ``ok``.
+* ``process`` may change ``status``/``reason`` of rows it rejects, and should give each a stable
+  ``rule`` tag (``set_status(..., rule=...)``; the status itself when it gives none); the base class
+  keeps a small ``thumbnail`` of a bounded sample of them (``stages.thumbnails``) and nulls the heavy
+  columns (``image``, embeddings) of rows that stopped being ``ok``.
 * ``process`` receives at most ``batch_size`` rows at a time (the stage's micro-batch); the
   executor may hand a whole shard to ``__call__``.
 * If ``process`` raises on a micro-batch, the batch is retried row by row and each row that
@@ -61,6 +63,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import OK, STAGE_FIELDS, Status, conform, field_type, null_heavy
+from stages.thumbnails import Budget
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +282,7 @@ class Stage(Declared):
     # ---- the call -------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._ensure_setup()
+        self._thumbs = Budget()  # thumbnails of rejected rows, per (status, rule) of this call
         batch = conform(batch)
         out_cols = self.output_columns()
         if batch.num_rows == 0:
@@ -352,13 +356,25 @@ class Stage(Declared):
         newly = pc.and_(rejected, was_ok)
         by = pc.if_else(newly, pa.array([self.name] * out.num_rows, pa.string()), out.column("rejected_by"))
         out = out.set_column(out.column_names.index("rejected_by"), "rejected_by", by)
+        # every rejected row has a rule: the stage's tag, else its status
+        untagged = pc.and_(newly, pc.is_null(out.column("rule")))
+        rule = pc.if_else(untagged, out.column("status"), out.column("rule"))
+        out = out.set_column(out.column_names.index("rule"), "rule", rule)
+        out = self._budget().fill(out, newly)
         return null_heavy(out, rejected)
+
+    def _budget(self) -> Budget:
+        if getattr(self, "_thumbs", None) is None:  # process() called without __call__
+            self._thumbs = Budget()
+        return self._thumbs
 
     def _error_row(self, row: pa.Table, out_cols: dict[str, pa.DataType]) -> pa.Table:
         exc = traceback.format_exc(limit=1).strip().splitlines()[-1]
         log.warning("stage %s failed on key %s: %s", self.name, row.column("key")[0].as_py(), exc)
-        row = set_status(row, pa.array([True]), Status.STAGE_ERROR, f"{self.name}: {exc}"[:300])
+        why = f"{self.name}: {exc}"[:300]
+        row = set_status(row, pa.array([True]), Status.STAGE_ERROR, why, rule="stage_error")
         row = replace_column(row, "rejected_by", [self.name])
+        row = self._budget().fill(row, pa.array([True]))
         return null_heavy(_add_missing(row, out_cols), pa.array([True]))
 
 
@@ -390,24 +406,23 @@ def _align_columns(table: pa.Table, like: pa.Table) -> pa.Table:
 
 
 def set_status(table: pa.Table, mask, status: str, reasons, rule=None) -> pa.Table:
-    """Set ``status``/``reason`` where ``mask`` is true. ``reasons`` is one string or one per row.
-
-    ``rule``: the short stable rule tag (``<rule>`` or ``<column>:<rule>``), one string or one per
-    row; written to the ``rule`` column where the table has one."""
+    """Set ``status``/``reason``/``rule`` where ``mask`` is true. ``reasons`` is one string or one per
+    row (free text: numbers, keys, hosts); ``rule`` a short stable tag (README, "Statuses and reasons"),
+    one string or one per row; None: the status itself."""
     mask = pa.array(mask, pa.bool_()) if not isinstance(mask, pa.Array | pa.ChunkedArray) else mask
     n = table.num_rows
 
-    def per_row(values) -> pa.Array:
-        return pa.array([values] * n if isinstance(values, str) else list(values), pa.string())
+    def per_row(v):
+        one = v is None or isinstance(v, str)
+        return pa.array([v] * n if one else list(v), pa.string())
 
     st = pc.if_else(mask, pa.array([str(status)] * n, pa.string()), table.column("status"))
     rsn = pc.if_else(mask, per_row(reasons), table.column("reason"))
+    old_rule = table.column("rule") if "rule" in table.column_names else pa.nulls(n, pa.string())
+    rl = pc.if_else(mask, per_row(str(status) if rule is None else rule), old_rule)
     table = table.set_column(table.column_names.index("status"), "status", st)
     table = table.set_column(table.column_names.index("reason"), "reason", rsn)
-    if rule is not None and "rule" in table.column_names:
-        i = table.column_names.index("rule")
-        table = table.set_column(i, "rule", pc.if_else(mask, per_row(rule), table.column(i).cast(pa.string())))
-    return table
+    return replace_column(table, "rule", rl, pa.string())
 
 
 def replace_column(table: pa.Table, name: str, values, typ: pa.DataType | None = None) -> pa.Table:

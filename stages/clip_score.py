@@ -212,12 +212,13 @@ class ClipScore(Stage):
             out = replace_column(out, "text_embedding", [None if e is None else e.tolist() for e in txt_emb])
         bad = [e is not None for e in errors]
         if any(bad):
-            out = set_status(out, bad, Status.DECODE_FAILED, [e or "" for e in errors])
+            why = [e or "" for e in errors]
+            out = set_status(out, bad, Status.DECODE_FAILED, why, rule="clip_score:decode")
         if c.min_score is not None:
             low = [(not b) and float(v) < c.min_score for b, v in zip(bad, scores)]
             if any(low):
                 reasons = [f"clip:min_score clip_score {v:.4f} < min_score {c.min_score:.4f}" for v in scores]
-                out = set_status(out, low, Status.FILTERED_CLIP, reasons)
+                out = set_status(out, low, Status.FILTERED_CLIP, reasons, rule="clip_score:min_score")
         return out
 
 

@@ -123,6 +123,7 @@ class Dedup(Stage):
             raise RuntimeError("dedup: no fitted state; call load_state(merge([fit_partial(...)])) first")
         keys = batch.column("key").to_pylist()
         reasons: list[str | None] = [None] * len(keys)
+        rules: list[str | None] = [None] * len(keys)
         for field in self.config.by:
             seen = state.get(field, {})
             values = batch.column(field).to_pylist() if field in batch.column_names else [None] * len(keys)
@@ -133,7 +134,8 @@ class Dedup(Stage):
                 # A value missing from the state was not seen in the fit pass: nothing to compare.
                 if kept is not None and _smaller(kept, key):
                     reasons[i] = f"dedup:{field} duplicate of key {kept}"
+                    rules[i] = f"duplicate:{field}"
         mask = [r is not None for r in reasons]
         if any(mask):
-            batch = set_status(batch, mask, Status.DUPLICATE, reasons)
+            batch = set_status(batch, mask, Status.DUPLICATE, reasons, rule=rules)
         return batch

@@ -115,6 +115,17 @@ class BasicFilterConfig(StageConfig):
         return self
 
 
+# rule tag (``rule`` column) of each reason's first word: ``basic:<the config key>``
+RULES = {
+    "basic:words": "basic:min_words",
+    "basic:chars": "basic:min_chars",
+    "basic:english": "basic:english",
+    "basic:min_side": "basic:min_image_side",
+    "basic:aspect_ratio": "basic:max_aspect_ratio",
+    "basic:no_size": "basic:no_size",
+}
+
+
 class BasicFilter(Stage):
     name = "basic_filter"
     Config = BasicFilterConfig
@@ -169,8 +180,8 @@ class BasicFilter(Stage):
         batch = replace_column(batch, "language", langs)
         mask = [r is not None for r in reasons]
         if any(mask):
-            tags = [r.split(" ", 1)[0] if r else None for r in reasons]
-            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons, rule=tags)
+            rules = [RULES[r.split(" ", 1)[0]] if r else None for r in reasons]
+            batch = set_status(batch, mask, Status.FILTERED_BASIC, reasons, rule=rules)
         return batch
 
     def _reject(self, caption: str, lang: str | None, wh: tuple[int, int] | None) -> str | None:

@@ -349,6 +349,7 @@ class Read(Source):
                 "image": img,
                 "status": OK if img is not None else "decode_failed",
                 "reason": None if img is not None else "no image member in tar",
+                "rule": None if img is not None else "no_image_member",
             }
             for c in ("width", "height", "original_width", "original_height"):
                 v = meta.get(c)

@@ -4,9 +4,11 @@
   ``KEY.txt`` (the caption; see ``caption_member``) and ``KEY.json`` (the row's metadata columns).
   Tars are deterministic: members in input order, fixed mtime/owner/mode, so the same rows give
   the same bytes.
-* The Parquet holds every row of the shard (every status, with its reason), without image bytes.
+* The Parquet holds every row of the shard (every status, with its reason and rule), without image
+  bytes; a bounded sample of rejected rows keeps a small ``thumbnail`` (``rejected_thumbnails``).
   Embeddings, when a stage produced them, are kept here (not in the json).
-* ``_stats.json`` counts rows per status, per reason and per stage (``schemas.manifest.ShardStats``).
+* ``_stats.json`` counts rows per status, per reason (numbers as ``#``), per rule and per stage
+  (``schemas.manifest.ShardStats``).
 
 Each file is written atomically; ``_stats.json`` is written last and marks the shard complete.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 from typing import Literal
@@ -32,10 +35,19 @@ from schemas.row import SHARD_COL
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
 from stages.roles import Sink, SinkContext
+from stages.thumbnails import PER_RULE, THUMBNAIL_PX, keep_per_status
 
 DOWNLOAD_FAILURES = {Status.INVALID_URL, Status.BLOCKED_ADDRESS, Status.DOWNLOAD_FAILED, Status.OPTED_OUT}
 RESIZE_FAILURES = {Status.DECODE_FAILED, Status.FILTERED_SIZE}
 MAX_REASONS = 200  # distinct reasons kept per shard in _stats.json; the rest are summed
+# a number that is not part of a word (sha256) or an HTTP status: per-row detail in a reason
+_NUMBER = re.compile(r"(?<![\w.#])(?<!HTTP )\d+(?:\.\d+)*(?:e[-+]?\d+)?")
+_SIZE = re.compile(r"#x\d+\b")
+
+
+def reason_template(reason: str | None) -> str:
+    """``reason`` with its per-row numbers as ``#`` (``clip_score # < min_score #``), for ``reason_dict``."""
+    return _SIZE.sub("#x#", _NUMBER.sub("#", reason or ""))
 
 
 class WriteConfig(RoleConfig):
@@ -46,6 +58,15 @@ class WriteConfig(RoleConfig):
         False, description="Also write each rewrite as `KEY.rewrite0.txt`, `KEY.rewrite1.txt`, ..."
     )
     parquet_compression: str = Field("zstd", description="Codec of the shard Parquet files.")
+    rejected_thumbnails: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="Keep at most this many thumbnails of rejected rows per status per shard in the "
+        f"Parquet `thumbnail` column (JPEG, {THUMBNAIL_PX} px), spread over the status's rules, for the "
+        f"report; stages keep at most {PER_RULE} per status and rule per shard, only of rows that had "
+        "image bytes. 0: none.",
+    )
 
 
 class Write(Sink):
@@ -62,7 +83,7 @@ class Write(Sink):
         fs, root = fsspec.core.url_to_fs(ctx.output)
         name = shard_name(shard, ctx.name_digits)
         tar_path, pq_path, stats_path = (f"{root.rstrip('/')}/{f}" for f in shard_files(name))
-        rows = rows.drop_columns([SHARD_COL])
+        rows = keep_per_status(rows.drop_columns([SHARD_COL]), self.config.rejected_thumbnails)
         tar_bytes = self._tar(rows)
         atomic_write_bytes(fs, tar_path, tar_bytes)
         pq_bytes = self._parquet(rows)
@@ -107,16 +128,16 @@ class Write(Sink):
     def _stats(self, name: str, rows: pa.Table, tar_bytes: int, pq_bytes: int) -> dict:
         status = rows.column("status").to_pylist()
         reason = rows.column("reason").to_pylist()
+        rule = rows.column("rule").to_pylist() if "rule" in rows.column_names else [None] * rows.num_rows
         by = rows.column("rejected_by").to_pylist()
         st = Counter(status)
-        reasons = Counter(f"{s}: {r}" for s, r in zip(status, reason) if s != OK)
+        # reasons with their per-row numbers (scores, counts, keys) as '#', so they group
+        reasons = Counter(f"{s}: {reason_template(r)}" for s, r in zip(status, reason) if s != OK)
         if len(reasons) > MAX_REASONS:
             top = dict(reasons.most_common(MAX_REASONS))
             top["(other reasons)"] = sum(reasons.values()) - sum(top.values())
             reasons = Counter(top)
-        # Per-rule counts: stages start reasons with a stable rule tag ("basic:words ...",
-        # "clip:min_score ...", "HTTP 404" -> "HTTP"), so the first word groups them.
-        rules = Counter(f"{s}: {(r or '').split(' ', 1)[0]}" for s, r in zip(status, reason) if s != OK)
+        rules = Counter(f"{s}: {r or s}" for s, r in zip(status, rule) if s != OK)
         stage_status: dict[str, dict[str, int]] = {}
         for s, b in zip(status, by):
             if s != OK:

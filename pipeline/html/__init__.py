@@ -9,20 +9,26 @@ back from the shard tars. Everything is read through fsspec, so ``s3://`` output
 The package knows no stage by name. Sections, in this order (ids are stable for a given run):
 
 * ``overview``, ``funnel``: always;
+* ``stage-time``: when the manifest has ``stage_seconds`` (``timing``);
 * one per score column (``schemas.row.SCORE_COLUMNS``) present in the rows, id ``<column>s`` with
   ``_`` as ``-`` (``clip-scores``), with every threshold of the run: a stage config's ``min_score``
   or a global state summary's ``threshold``, drawn on the columns their stage requires or produces;
 * one per global stage whose state summary has ``top_entries``, id = the stage name: entry counts
   before (the fitted ``counts``) and after (the kept rows' entry-id column the stage produces);
 * ``labels``: only with the workflow's ``report.label_column``;
-* ``samples``: always (shows ``report.show_columns`` under each sample);
+* ``dataset``: statistics of all rows against the kept rows, from the size, caption and language columns
+  the rows have (``dataset``);
+* one for the rewrites column (``schemas.row.REWRITES_COLUMN``) when present, id ``caption-rewrites``:
+  outcome counts and why generations were rejected (``rewrites``);
+* ``samples``: always, kept rows (shows ``report.show_columns`` under each sample);
+* ``rejected``: always, rejected rows per (status, rule), pictures from the ``thumbnail`` column;
 * one per stage that declares it fills the ``image`` column, id ``<stage>-failures``;
 * ``metadata``: always.
 
     build("demo_out/output")  -> "demo_out/output/report.html"
 
 Modules: ``data`` (reading, declarations), ``markup`` (HTML pieces), ``charts`` (matplotlib),
-``sections``, ``samples``, ``page`` (``render``, ``build``).
+``sections``, ``timing``, ``dataset``, ``rewrites``, ``samples``, ``page`` (``render``, ``build``).
 """
 
 from pipeline.html.data import thresholds

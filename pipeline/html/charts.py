@@ -77,3 +77,67 @@ def rank_plot(before: np.ndarray, after: np.ndarray, t: int | None) -> str:
     ax.set_title("entry counts (log-log rank plot)")
     ax.legend(fontsize=8, frameon=False)
     return png(fig)
+
+
+def _bins(values: list[np.ndarray], log: bool, n: int = 30) -> np.ndarray:
+    allv = np.concatenate([v for v in values if len(v)])
+    lo, hi = float(allv.min()), float(allv.max())
+    if log and lo > 0:
+        return np.geomspace(lo, hi * 1.0001 if hi > lo else lo * 1.01, n + 1)
+    return np.linspace(lo, hi + 1e-6 if hi > lo else lo + 1, n + 1)
+
+
+def distributions(panels: list[tuple[str, np.ndarray, np.ndarray, bool]]) -> str:
+    """One histogram per statistic (name, all rows' values, kept rows' values, log x), side by side
+    in rows of two: all rows in grey, kept rows in green."""
+    cols = 2
+    nrows = (len(panels) + cols - 1) // cols
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 2.8 * nrows))
+    for i, (name, all_v, kept_v, log) in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        bins = _bins([all_v, kept_v], log)
+        ax.hist(all_v, bins=bins, color="#9aa3b5", label=f"all rows ({len(all_v)})")
+        if len(kept_v):
+            ax.hist(kept_v, bins=bins, color=KEPT_COLOUR, alpha=0.8, label=f"kept ({len(kept_v)})")
+        if log and bins[0] > 0:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("rows")
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return png(fig)
+
+
+def categories(labels: list[str], all_n: list[int], kept_n: list[int]) -> str:
+    """Grouped horizontal bars per category: all rows and kept rows."""
+    fig, ax = figure(8, 0.32 * len(labels) + 1.2)
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y + 0.2, all_n, height=0.4, color="#9aa3b5", label="all rows")
+    ax.barh(y - 0.2, kept_n, height=0.4, color=KEPT_COLOUR, label="kept")
+    ax.set_yticks(y, labels)
+    ax.set_xlabel("rows")
+    ax.legend(fontsize=8, frameon=False)
+    return png(fig)
+
+
+def stage_time(stages: list[str], busy: list[float], fit: list[float]) -> str:
+    """Horizontal bars per stage: busy seconds summed over workers, and a global stage's fit pass."""
+    fig, ax = figure(8, 0.45 * len(stages) + 1.2)
+    y = np.arange(len(stages))[::-1]
+    ax.barh(y, busy, color=GROUP_COLOURS[0], label="busy (summed over workers)")
+    if any(fit):
+        ax.barh(y, fit, left=busy, color=GROUP_COLOURS[1], label="fit pass (global stages)")
+    for yi, b, f in zip(y, busy, fit):
+        ax.text(b + f, yi, f" {b + f:.1f}s", va="center", fontsize=8)
+    ax.set_xlim(0, max(b + f for b, f in zip(busy, fit)) * 1.12 or 1)
+    ax.set_yticks(y, stages)
+    ax.set_xlabel("seconds")
+    ax.set_title("time per stage")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return png(fig)

@@ -24,10 +24,22 @@ from pipeline.runs import RunDir
 from schemas import OK
 from schemas.manifest import PARQUET_SUFFIX, shard_files, shard_of
 from schemas.members import is_image_member, split_member
-from schemas.row import IMAGE_COLUMN, REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL, field_type
+from schemas.row import (
+    IMAGE_COLUMN,
+    LANGUAGE_COLUMN,
+    REWRITE_REASON_COLUMN,
+    REWRITES_COLUMN,
+    SCORE_COLUMNS,
+    SHARD_COL,
+    THUMBNAIL_COLUMN,
+    field_type,
+)
 
 # Always read when present; score, entry, label and extra sample columns are added per run.
-BASE_REPORT_COLUMNS = ("key", "url", "host", "caption", "status", "reason", "rejected_by", REWRITES_COLUMN)
+BASE_REPORT_COLUMNS = (
+    "key", "url", "host", "caption", "status", "reason", "rule", "rejected_by", THUMBNAIL_COLUMN,
+    "original_width", "original_height", LANGUAGE_COLUMN, REWRITES_COLUMN, REWRITE_REASON_COLUMN,
+)  # fmt: skip
 
 
 @dataclass

@@ -11,8 +11,11 @@ from pipeline.html.data import (
     stage_entries,
     wanted_columns,
 )
+from pipeline.html.dataset import dataset_section
 from pipeline.html.markup import CSS, e
-from pipeline.html.samples import samples
+from pipeline.html.rewrites import rewrites_section
+from pipeline.html.samples import rejected, samples
+from pipeline.html.timing import timing_section
 from pipeline.runs import RunDir
 from schemas.manifest import MANIFEST_NAME
 from stages.io import atomic_write_bytes
@@ -29,13 +32,16 @@ def render(output: str) -> str:
     rc = report_config(manifest)
     df = load_rows(rd, wanted_columns(manifest, stages, rc))
     parts = [sections.overview(manifest, df), sections.funnel(manifest, df, order)]
+    parts.append(timing_section(manifest, order))
     parts += sections.score_sections(manifest, df, rc)
     parts += [sections.entry_section(rd, manifest, df, s) for s in entry_stages(manifest, stages)]
     if rc.label_column:
         parts.append(sections.label_section(df, rc, order))
-    parts.append(samples(rd, df, rc))
+    parts += [dataset_section(df), rewrites_section(df)]
+    parts += [samples(rd, df, rc), rejected(df, rc)]
     parts += [sections.failure_section(df, s) for s in image_fillers(stages)]
     parts.append(sections.metadata(manifest))
+    parts = [p for p in parts if p]  # sections that do not apply to this run are None
     ids = [p.split('"', 2)[1] for p in parts]  # every part starts with <section id="...">
     nav = " &middot; ".join(f'<a href="#{s}">{s}</a>' for s in ids)
     title = f"clipcurate report: {e(manifest.get('name'))}"

@@ -181,8 +181,8 @@ def label_section(df: pl.DataFrame, rc: ReportConfig, order: list[str]) -> str:
 
 
 def failure_section(df: pl.DataFrame, stage: StageEntry) -> str:
-    """Rows rejected by a stage that fills the image column: by status, reason class (the reason's
-    first word), host, and full reason."""
+    """Rows rejected by a stage that fills the image column: by status, rule (the ``rule`` column;
+    the reason's first word in runs from before rule tags), host, and full reason."""
     name = stage.name
     sid, title = f"{anchor(name)}-failures", f"Failures of {name} (fills the image column)"
     failed = df.filter((pl.col("rejected_by") == name) & (pl.col("status") != OK))
@@ -194,14 +194,17 @@ def failure_section(df: pl.DataFrame, stage: StageEntry) -> str:
     )
     by_status = failed.group_by("status").len().sort(["len", "status"], descending=[True, False])
     body += table(["status", "rows"], [list(r) for r in by_status.iter_rows()], {1})
-    cls = failed.with_columns(pl.col("reason").str.split(" ").list.first().alias("_class"))
+    tagged = "rule" in failed.columns and failed["rule"].null_count() < failed.height
+    what = pl.col("rule") if tagged else pl.col("reason").str.split(" ").list.first()
+    cls = failed.with_columns(what.alias("_class"))
     by_class = (
         cls.group_by(["status", "_class"])
         .len()
         .sort(["len", "status", "_class"], descending=[True, False, False])
     )
-    body += "<h3>By class (first word of the reason)</h3>"
-    body += table(["status", "class", "rows"], [list(r) for r in by_class.iter_rows()], {2})
+    body += "<h3>By rule</h3>" if tagged else "<h3>By class (first word of the reason)</h3>"
+    headers = ["status", "rule" if tagged else "class", "rows"]
+    body += table(headers, [list(r) for r in by_class.iter_rows()], {2})
     host = pl.col("host") if "host" in df.columns else None
     if host is None and "url" in df.columns:
         host = pl.col("url").str.extract(HOST_PATTERN, 1)

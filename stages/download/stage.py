@@ -35,11 +35,11 @@ purpose:
   applies it): this stage passes every column through. ``bbox_col`` and the ``verify_hash``
   column must be among them.
 
-Every row ends ``ok`` or with a status from ``schemas.status`` and a short reason whose first
-word is a stable class tag (see README, "Statuses and reasons"). ``sha256`` (or the
-``compute_hash`` column) is the hash of the bytes as downloaded, like img2dataset; when ``verify_hash``
-checks that same column, rows with no hash computed (``hash_mismatch``, failed downloads) keep the
-input's expected value there;
+Every row ends ``ok`` or with a status from ``schemas.status``, a short reason whose first word
+is its class, and a stable ``rule`` tag (``stages/download/rules.py``; README, "Statuses and
+reasons"). ``sha256`` (or the ``compute_hash`` column) is the hash of the bytes as downloaded,
+like img2dataset; when ``verify_hash`` checks that same column, rows with no hash computed
+(``hash_mismatch``, failed downloads) keep the input's expected value there;
 ``width``/``height`` describe the stored (resized) image.
 """
 
@@ -58,6 +58,7 @@ from stages.base import Resources, Stage, StageFailed, one_line, replace_column,
 from stages.download.config import DownloadConfig
 from stages.download.http import Fetched, Fetcher, short
 from stages.download.images import ImageProcessor, ImageReject, exif_json
+from stages.download.rules import rule_of
 from stages.download.window import Session, Window
 
 _DIMS = ("width", "height", "original_width", "original_height")
@@ -223,8 +224,10 @@ class Download(Stage):
         if any(s != Status.OK.value for s in status):
             old = out.column("reason").to_pylist()
             reason = [r.reason if r.status != Status.OK.value else o for r, o in zip(rows, old)]
+            rule = [rule_of(r.status, r.reason) if r.status != Status.OK.value else None for r in rows]
             out = replace_column(out, "status", pa.array(status, pa.string()))
             out = replace_column(out, "reason", pa.array(reason, pa.string()))
+            out = replace_column(out, "rule", pa.array(rule, pa.string()))
         return out
 
     def _outcome(self, got: Fetched, pos: int, bboxes, expected) -> _Row:

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
@@ -28,6 +29,7 @@ import yaml
 from pipeline import html as report_html
 from pipeline import report
 from schemas import OK
+from stages.thumbnails import THUMBNAIL_PX
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -98,13 +100,18 @@ def screenshot(report_path: Path, png: Path) -> None:
 
 def _parquet(out: Path) -> pl.DataFrame:
     return pl.concat(
-        [pl.from_arrow(pq.read_table(p)) for p in sorted(out.glob("*.parquet"))], how="diagonal_relaxed"
+        [
+            pl.from_arrow(pq.read_table(p)).with_columns(pl.lit(p.name).alias("_file"))
+            for p in sorted(out.glob("*.parquet"))
+        ],
+        how="diagonal_relaxed",
     )
 
 
 @pytest.fixture(scope="module")
 def full_run(ray_session, demo_urls, tmp_path_factory):
-    """The demo workflow plus clip_filter (top 80% of the pool) and balance (shapes metadata, t=20)."""
+    """The demo workflow plus basic_filter (language ID, caption length), clip_filter (top 80% of the
+    pool) and balance (shapes metadata, t=20)."""
     from pipeline import config, plan
     from pipeline import ray as executor
 
@@ -116,6 +123,11 @@ def full_run(ray_session, demo_urls, tmp_path_factory):
             cfg = {k: v for k, v in cfg.items() if k != "min_score"}
         if name == "write":
             stages.append({"clip_filter": {"top_fraction": 0.8}})
+            # caption language (py3langid) and short captions out, nothing else; after the actor pools
+            # (a task stage among them would need a third CPU)
+            stages.append(
+                {"basic_filter": {"english": False, "min_image_side": None, "max_aspect_ratio": None}}
+            )
             stages.append({"balance": {"metadata": "demo/assets/shapes_metadata.json", "t": 20}})
         stages.append({name: cfg})
     raw.update(name="demo_full", stages=stages)
@@ -160,10 +172,14 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert ids == [
         "overview",
         "funnel",
+        "stage-time",
         "clip-scores",
         *entries,
         "labels",
+        "dataset",
+        "caption-rewrites",
         "samples",
+        "rejected",
         "download-failures",
         "metadata",
     ]
@@ -177,14 +193,20 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert p["external"] == [], "the report must not reference anything outside itself"
 
     plots = {i["section"] for i in images if i["cls"] == "plot"}
-    expected = {"funnel", "clip-scores"} | ({"balance"} if name == "full_run" else set())
+    expected = {"funnel", "stage-time", "clip-scores", "dataset"} | (
+        {"balance"} if name == "full_run" else set()
+    )
     assert plots == expected
     sections = {s["id"]: s for s in p["sections"]}
     if name == "demo_run":
         assert "balance" not in sections
     thumbs = [i for i in images if i["cls"] == "thumb"]
-    assert 0 < len(thumbs) <= report_html.SAMPLES_PER_GROUP
-    assert all(i["section"] == "samples" for i in thumbs)
+    kept_thumbs = [i for i in thumbs if i["section"] == "samples"]
+    assert 0 < len(kept_thumbs) <= report_html.SAMPLES_PER_GROUP
+    # images of rejected samples: the thumbnails the run kept (filtered_clip rows had image bytes)
+    rejected_thumbs = [i for i in thumbs if i["section"] == "rejected"]
+    assert rejected_thumbs and all(max(i["w"], i["h"]) <= THUMBNAIL_PX for i in rejected_thumbs)
+    assert {i["section"] for i in thumbs} == {"samples", "rejected"}
     # every threshold the run used is named in the score section
     for label, value, _columns in report_html.thresholds(manifest):
         assert f"{label} = {value:.4f}" in sections["clip-scores"]["text"]
@@ -197,8 +219,55 @@ def test_report_renders_in_chromium(run, tmp_path):
     for reason in failed["reason"].unique().to_list():
         assert reason[:40] in sections["download-failures"]["text"]
     assert "127.0.0.1" in sections["download-failures"]["text"], "failures by host (the demo server)"
+    _numbers_equal_the_parquet(sections, df, manifest, name)
 
     screenshot(path, tmp_path / f"report_{name}.png")
+
+
+def _numbers_equal_the_parquet(sections: dict, df: pl.DataFrame, manifest: dict, name: str) -> None:
+    """What the rendered page says (innerText: table cells tab-separated) against the Parquet files
+    and the manifest: rejected rows per (status, rule) and thumbnails, dataset statistics, caption
+    rewrites, stage time."""
+    kept = df.filter(pl.col("status") == OK)
+    rej = df.filter(pl.col("status") != OK)
+    text = sections["rejected"]["text"]
+    assert f"{rej.height} of {df.height} rows rejected" in text
+    for status, rule, n in rej.group_by(["status", "rule"]).len().iter_rows():
+        thumbs = rej.filter((pl.col("rule") == rule) & pl.col("thumbnail").is_not_null()).height
+        assert f"{status}\t{rule}\t{n}\t{thumbs}" in text, (status, rule)
+    per_shard = rej.filter(pl.col("thumbnail").is_not_null()).group_by(["_file", "status"]).len()
+    assert per_shard["len"].max() <= 8  # write.rejected_thumbnails (default)
+    assert (rej.filter(pl.col("status") == "filtered_clip")["thumbnail"].is_not_null()).any()
+
+    text = sections["dataset"]["text"]
+    stats = {
+        "original width (px)": pl.col("original_width"),
+        "caption length (words)": pl.col("caption").map_elements(lambda c: len(c.split()), pl.Int64),
+    }
+    for label, expr in stats.items():
+        cells = []
+        for frame in (df, kept):
+            v = frame.select(expr).to_series().drop_nulls().to_numpy()
+            cells += [str(len(v)), f"{float(np.median(v)):.4g}"]
+        pattern = "\t".join([re.escape(label), cells[0], cells[1], "[^\t]+", cells[2], cells[3]])
+        assert re.search(pattern, text), (label, cells)
+    if name == "full_run":
+        for lang, n in df.filter(pl.col("language").is_not_null()).group_by("language").len().iter_rows():
+            k = kept.filter(pl.col("language") == lang).height
+            assert re.search(rf"\n{lang}\t{n}\t[^\t]+\t{k}\t", text), lang
+    else:
+        assert "Caption language" not in text  # no language column in the demo
+
+    text = sections["caption-rewrites"]["text"]
+    got = df.filter(pl.col("caption_rewrites").is_not_null())  # later stages may reject such rows
+    n_rw = got["caption_rewrites"].list.len()
+    assert f"{got.height} rows reached the rewriting stage; {int(n_rw.sum())} rewrites in all" in text
+    full = got.filter((n_rw > 0) & pl.col("rewrite_reason").is_null()).height
+    assert f"all rewrites asked for\t{full}\t" in text
+
+    text = sections["stage-time"]["text"]
+    for stage, secs in manifest["stage_seconds"].items():
+        assert f"\n{stage}\t{secs:.1f}\t" in text, stage
 
 
 def test_balance_section_numbers(full_run):
@@ -329,7 +398,7 @@ def test_failure_sections_follow_the_image_filling_declaration(tmp_path, monkeyp
     column). A plug-in stage that declares it fills 'image' gets one, under its own name."""
     run = _fake_run(tmp_path / "plain", [{"read": {}}, {"basic_filter": {}}, {"write": {}}], "basic_filter")
     page = report_html.render(str(run))
-    assert _section_ids(page) == ["overview", "funnel", "samples", "metadata"]
+    assert _section_ids(page) == ["overview", "funnel", "dataset", "samples", "rejected", "metadata"]
     assert "failed to" not in page
 
     (tmp_path / "report_plugin.py").write_text(FETCH_PLUGIN)
@@ -338,7 +407,7 @@ def test_failure_sections_follow_the_image_filling_declaration(tmp_path, monkeyp
     run = _fake_run(tmp_path / "plugin", [{"read": {}}, {name: {}}, {"write": {}}], name)
     page = report_html.render(str(run))
     sid = "report-plugin-fetchimages-failures"
-    assert _section_ids(page) == ["overview", "funnel", "samples", sid, "metadata"]
+    assert _section_ids(page) == ["overview", "funnel", "dataset", "samples", "rejected", sid, "metadata"]
     sec = _section(page, sid)
     assert f"3 of 4 rows failed to {name} (75.0%)" in sec
     for cls in ("<td>http:404</td>", "<td>timeout:</td>", "<td>basic:min_chars</td>"):

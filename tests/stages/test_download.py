@@ -77,6 +77,19 @@ BAD_CASES = [
 ]
 
 
+# the stable rule tag (``rule`` column) of each failing case (README, "Statuses and reasons")
+BAD_RULES = {
+    "/404": "http_404", "/500": "http_500", "/slow": "read_timeout", "/drip": "total_timeout",
+    "/truncated.jpg": "truncated_jpeg", "/html.jpg": "not_an_image", "/empty.jpg": "empty_body",
+    "/bomb.png": "max_pixels", "/loop": "redirect_loop", "/redirect-chain/11": "too_many_redirects",
+    "/redirect-private": "blocked:private", "/redirect-linklocal": "blocked:link_local",
+    "/big-nolength": "max_response_bytes", "/big-chunked": "max_response_bytes", "/big-cl": "max_response_bytes",
+    "/lying-cl": "truncated_jpeg", "/noai.jpg": "x_robots_tag", "": "empty_url", None: "null_url",
+    "www.example.com/cat.jpg": "no_scheme", "ftp://127.0.0.1/cat.jpg": "unsupported_scheme",
+    "javascript:alert(1)": "unsupported_scheme", "http://[::1/x.jpg": "unparsable_url",
+}  # fmt: skip
+
+
 def test_bad_inputs_get_documented_statuses():
     with serve_bad() as srv:
         urls = [srv.url(c) if isinstance(c, str) and c.startswith("/") else c for c, _, _ in BAD_CASES]
@@ -95,6 +108,7 @@ def test_bad_inputs_get_documented_statuses():
             assert row["reason"] and re.search(pattern, row["reason"]), (case, row["reason"])
             assert row["image"] is None and row["sha256"] is None, case
             assert row["rejected_by"] == "download"
+        assert row["rule"] == BAD_RULES.get(case), (case, row["reason"])
     by_case = {c: r for (c, _, _), r in zip(BAD_CASES, rows)}
     assert by_case["/404"]["http_status"] == 404 and by_case["/500"]["http_status"] == 500
     assert by_case["/noai.jpg"]["http_status"] == 200

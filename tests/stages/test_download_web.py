@@ -188,6 +188,14 @@ def test_every_row_ends_with_a_status_and_a_failure_class(dials):
             "dns": ("dns:",),
         }.get(expected, ("HTTP",))
         assert tag in want, (expected, row["reason"])
+        rules = {
+            "hang": ("read_timeout",),
+            "drip": ("total_timeout",),
+            "dead": ("read_timeout", "breaker"),
+            "refused": ("connect", "breaker"),
+            "dns": ("dns",),
+        }.get(expected, (expected,))  # http_404, http_503, ...
+        assert row["rule"] in rules, (expected, row["rule"], row["reason"])
         if expected.startswith("http_"):
             assert row["reason"] == f"HTTP {expected[5:]}" and row["http_status"] == int(expected[5:])
 
