@@ -240,8 +240,7 @@ def test_size_columns_are_required_when_rows_without_size_are_rejected():
     assert check({"min_image_side": None, "max_aspect_ratio": None})[1].requires == ("caption",)
 
 
-def test_rule_tags_are_written_where_the_table_has_a_rule_column():
+def test_rule_tags_name_the_config_key():
     table = make_table(["hi", EN, EN], [(300, 300), (300, 300), None])
-    table = table.append_column("rule", pa.nulls(3, pa.string()))
     out = run(table).to_pylist()
-    assert [r["rule"] for r in out] == ["basic:words", None, "basic:no_size"]
+    assert [r["rule"] for r in out] == ["basic:min_words", None, "basic:no_size"]
