@@ -47,6 +47,7 @@ FORMATS = ("auto", "parquet", "csv", "tsv", "json", "jsonl", "txt", "webdataset"
 
 class ReadConfig(RoleConfig):
     path: str | list[str] = path_field(
+        always=True,
         description="A file, folder or glob, or a list of them; any fsspec path (`s3://...`, `file://...`). "
         "A folder is read as its files of the format, sorted by name (names starting with `.` or `_` skipped)."
     )
