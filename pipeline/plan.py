@@ -133,7 +133,7 @@ def resource_lines(pipe: Pipeline) -> list[str]:
     names = [spec.name for spec in pipe.stages]
     _, segs = capacity.segments(built)
     needs = [n for n in capacity.needs(built, names, segs) if n.stages]
-    lines = ["  resources (pools hold CPUs/GPUs for the whole pass; stages between global stages run together):"]
+    lines = ["  resources (stages between global stages run together; pools hold their share throughout):"]
     for n in needs:
         tasks = f", {n.task_cpus:g} CPU kept free for task stages" if n.task_cpus else ""
         lines.append(

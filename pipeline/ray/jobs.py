@@ -67,7 +67,7 @@ def explain(e: BaseException, address: str | None, token: str | None) -> str:
     where = f"the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or '(auto)'}"
     text = str(e)
     if type(e).__name__ == "AuthenticationError" or "Unauthorized" in text or "Forbidden" in text:
-        if "Forbidden" in text or "invalid" in text.lower():
+        if "Forbidden" in text:  # HTTP 403: a token was sent and is not the cluster's
             return (
                 f"{where} refused the authentication token ({token or 'from ' + AUTH_MODE_ENV + '=token'}): "
                 f"use the cluster's token (print it on the head with `ray get-auth-token`)"
