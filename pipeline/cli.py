@@ -22,8 +22,8 @@ QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "
 EXAMPLES = """\
 examples:
   clipcurate validate workflows/demo.yaml
-  clipcurate plan workflows/full.yaml --set stages.clip_score.concurrency=2
-  clipcurate run workflows/datacomp_clip.yaml --output out/ --set stages.read.path=pool.parquet
+  clipcurate plan workflows/full.yaml --set ray.num_cpus=16
+  clipcurate run workflows/datacomp_clip.yaml --output out/ --set stages.0.path=pool.parquet
   clipcurate run workflows/demo.yaml --output out/ --progress ray
   clipcurate report out/
   clipcurate submit workflows/demo.yaml --address http://HEAD:8265 -- --output s3://bucket/out
@@ -85,14 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "validate", "check a pipeline file, its input and the files it names, then exit",
         "Check the file (keys, stage order, columns), the input (exists, has the columns, not empty) and "
         "the local files the stages name (model folders, metadata files); nothing runs.",
-        "clipcurate validate workflows/demo.yaml --set stages.read.path=urls.parquet",
+        "clipcurate validate workflows/demo.yaml --set stages.0.path=urls.parquet",
     )  # fmt: skip
     _common(p)
     p = _sub(
         sub, "plan", "print the execution plan and its resource totals (same as run --dry-run)",
         "Print the steps (how each runs, the columns it needs and adds) and the CPUs, GPUs and actors "
         "they reserve, with a warning when a local Ray cannot hold them.",
-        "clipcurate plan workflows/full.yaml --set stages.clip_score.concurrency=2",
+        "clipcurate plan workflows/full.yaml --set ray.num_cpus=16",
     )  # fmt: skip
     _common(p)
     p.add_argument("--output")
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "run", "run a pipeline",
         "Run a pipeline on a local Ray, or on the cluster at ray.address / $RAY_ADDRESS. A rerun on the "
         "same output resumes; the summary, manifest.json and report.html say what happened to every row.",
-        "clipcurate run workflows/demo.yaml --output out/ --set stages.clip_score.min_score=0.3",
+        "clipcurate run workflows/demo.yaml --output out/ --set samples_per_shard=1000",
     )  # fmt: skip
     _common(p)
     p.add_argument("--output", help="output folder (any fsspec path); overrides 'output:'")
