@@ -1,13 +1,8 @@
-"""``clipcurate`` / ``python -m pipeline``: run, validate, plan, report and submit pipelines.
+"""clipcurate (also: python -m pipeline): validate, plan, run, report and submit curation pipelines.
 
-    clipcurate validate workflows/demo.yaml
-    clipcurate plan workflows/demo.yaml --set stages.clip_score.batch_size=128
-    clipcurate run workflows/demo.yaml --output out/ [--overwrite] [--dry-run]
-    clipcurate report out/
-    clipcurate submit workflows/demo.yaml --address http://127.0.0.1:8265 -- --output /shared/out
-
-Bad configs and bad inputs (missing file or column, empty list, an output of another config or of a
-changed input) fail before any work with one line naming the file, the stage and the key (exit 2).
+Bad configs and bad inputs (a missing file, column or model folder, an empty list, an output of
+another config or of a changed input) fail before any work with one line naming the file, the stage
+and the key (exit 2). A run that fails after starting exits 1; its finished shards are kept.
 """
 
 from __future__ import annotations
@@ -16,12 +11,41 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "adlfs", "fsspec", "urllib3")
+
+EXAMPLES = """\
+examples:
+  clipcurate validate workflows/demo.yaml
+  clipcurate plan workflows/full.yaml --set ray.num_cpus=16
+  clipcurate run workflows/datacomp_clip.yaml --output out/ --set stages.0.path=pool.parquet
+  clipcurate run workflows/demo.yaml --output out/ --progress ray
+  clipcurate report out/
+  clipcurate submit workflows/demo.yaml --address http://HEAD:8265 -- --output s3://bucket/out
+
+Run 'clipcurate COMMAND --help' for the options of a command."""
+
+PROGRESS_HELP = (
+    "auto (default): on a terminal, Ray Data's progress bars (ray.show_progress) and a line of per-stage "
+    "counters every 10 s; otherwise (CI, nohup, Ray Job logs) the counter line only. "
+    "ray: Ray Data's progress too (bars, or its log block every 10 s when not on a terminal). "
+    "quiet: the counter line only"
+)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("clipcurate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _load(args):
@@ -37,28 +61,76 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
 
 
+def _sub(sub, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill(description, 100),
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clipcurate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("validate", help="check a pipeline file and exit")
+    ap = argparse.ArgumentParser(
+        prog="clipcurate",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--version", action="version", version=f"clipcurate {version()}")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = _sub(
+        sub, "validate", "check a pipeline file, its input and the files it names, then exit",
+        "Check the file (keys, stage order, columns), the input (exists, has the columns, not empty) and "
+        "the local files the stages name (model folders, metadata files); nothing runs.",
+        "clipcurate validate workflows/demo.yaml --set stages.0.path=urls.parquet",
+    )  # fmt: skip
     _common(p)
-    p = sub.add_parser("plan", help="print the execution plan (same as run --dry-run)")
+    p = _sub(
+        sub, "plan", "print the execution plan and its resource totals (same as run --dry-run)",
+        "Print the steps (how each runs, the columns it needs and adds) and the CPUs, GPUs and actors "
+        "they reserve, with a warning when a local Ray cannot hold them.",
+        "clipcurate plan workflows/full.yaml --set ray.num_cpus=16",
+    )  # fmt: skip
     _common(p)
     p.add_argument("--output")
-    p = sub.add_parser("run", help="run a pipeline")
+    p = _sub(
+        sub, "run", "run a pipeline",
+        "Run a pipeline on a local Ray, or on the cluster at ray.address / $RAY_ADDRESS. A rerun on the "
+        "same output resumes; the summary, manifest.json and report.html say what happened to every row.",
+        "clipcurate run workflows/demo.yaml --output out/ --set samples_per_shard=1000",
+    )  # fmt: skip
     _common(p)
     p.add_argument("--output", help="output folder (any fsspec path); overrides 'output:'")
     p.add_argument("--overwrite", action="store_true", help="replace an output written by another config")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan, run nothing")
     p.add_argument("--no-report", action="store_true", help="do not build report.html at the end")
-    p = sub.add_parser("report", help="(re)build report.html for an output folder")
+    p.add_argument("--progress", choices=["auto", "ray", "quiet"], default="auto", help=PROGRESS_HELP)
+    p = _sub(
+        sub, "report", "(re)build report.html for an output folder",
+        "Build OUTPUT/report.html from the shards' Parquet and manifest.json (any fsspec path).",
+        "clipcurate report out/",
+    )  # fmt: skip
     p.add_argument("output")
-    p = sub.add_parser("submit", help="submit a run to a Ray cluster as a Ray Job")
+    p = _sub(
+        sub, "submit", "submit a run to a Ray cluster as a Ray Job",
+        "Validate the file here, upload the working dir and run 'python -m pipeline run FILE ARGS' as a "
+        "Ray Job; stream its logs; exit 0 only if it SUCCEEDED. Arguments after -- go to 'pipeline run' "
+        "in the job; the output must be absolute or an object-store URL. On a cluster with token "
+        "authentication (Ray >= 2.60), the token is taken from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+        "~/.ray/auth_token.",
+        "clipcurate submit workflows/demo.yaml --address http://HEAD:8265 -- --output s3://bucket/out",
+    )  # fmt: skip
     _common(p)
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
-    p.epilog = "Arguments after -- are passed to 'pipeline run' in the job (e.g. -- --output s3://b/out)."
+    p.add_argument(
+        "--no-pip",
+        action="store_true",
+        help="install nothing for the job (as CLIPCURATE_SUBMIT_PIP=0): the cluster has the dependencies",
+    )
     return ap
 
 
@@ -93,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         pipe, steps = _load(args)
         if args.cmd == "validate":
+            from pipeline.preflight import check_inputs
+
+            check_inputs(pipe)
             print(f"{args.file}: ok ({len(steps)} stages: {' -> '.join(s.name for s in steps)})")
             return 0
         if args.cmd == "plan" or getattr(args, "dry_run", False):
@@ -101,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.describe(pipe, steps))
             return 0
         if args.cmd == "submit":
-            return _submit(args)
+            return _submit(args, pipe)
         return _run(args, pipe)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -118,8 +193,11 @@ def _run(args, pipe) -> int:
     from stages.base import StageFailed
 
     printer = report.ProgressPrinter()
+    quiet = args.progress == "quiet" or (args.progress == "auto" and not sys.stdout.isatty())
+    if args.progress == "ray":
+        pipe.config.ray.show_progress = True  # asked for on the command line (not part of the config hash)
     try:
-        manifest = run(pipe, overwrite=args.overwrite, on_progress=printer)
+        manifest = run(pipe, overwrite=args.overwrite, on_progress=printer, quiet=quiet)
     except StageFailed as e:
         print(f"error: {pipe.source}: {e} (shards written so far are kept; rerun to resume)", file=sys.stderr)
         return 1
@@ -133,19 +211,45 @@ def _run(args, pipe) -> int:
     return 0
 
 
-def _submit(args) -> int:
-    from pipeline.ray import submit
+def _submit(args, pipe) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.preflight import job_output_error
+    from pipeline.ray import jobs
 
     run_args = list(args.run_args)
     for s in args.set:
         run_args += ["--set", s]
+    # The job's working dir is Ray's temporary copy of --working-dir: a relative output would vanish with it.
+    err = job_output_error(_output_arg(args.run_args) or pipe.config.output, args.file)
+    if err:
+        raise ConfigError(err)
     working_dir = os.path.abspath(args.working_dir)
     # The job runs in (a copy of) the working dir: name the workflow relative to it when it is inside.
     workflow = os.path.abspath(args.file)
     workflow = (
         os.path.relpath(workflow, working_dir) if workflow.startswith(working_dir + os.sep) else args.file
     )
-    return submit(workflow, args.address, run_args, working_dir, _runtime_env(working_dir))
+    if args.no_pip:
+        os.environ[SUBMIT_PIP_ENV] = "0"
+    env = _runtime_env(working_dir)
+    note = (
+        f"runtime env: Ray pip-installs {len(env['pip'])} packages into a new virtualenv on each node "
+        f"before the job starts (--no-pip or {SUBMIT_PIP_ENV}=0 when the cluster has them)"
+        if env.get("pip")
+        else None
+    )
+    return jobs.submit(workflow, args.address, run_args, working_dir, env, note=note)
+
+
+def _output_arg(run_args: list[str]) -> str | None:
+    """The ``--output`` among ``pipeline run`` arguments (the last one wins, as argparse does)."""
+    out = None
+    for i, a in enumerate(run_args):
+        if a == "--output" and i + 1 < len(run_args):
+            out = run_args[i + 1]
+        elif a.startswith("--output="):
+            out = a.split("=", 1)[1]
+    return out
 
 
 SUBMIT_PIP_ENV = "CLIPCURATE_SUBMIT_PIP"  # "0": the cluster already has the dependencies (no pip install)

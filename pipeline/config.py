@@ -51,7 +51,11 @@ class RayConfig(BaseModel):
     target_max_block_size: int = Field(
         512 * 1024 * 1024, description="Ray Data's block size limit in bytes; one block is one shard, it must fit."
     )
-    show_progress: bool = Field(True, description="Show Ray Data's progress bars.")
+    show_progress: bool = Field(
+        True,
+        description="Show Ray Data's progress bars when stdout is a terminal (`run --progress ray`: wherever "
+        "the output goes; `--progress quiet`: never).",
+    )
 
 
 class ReportConfig(BaseModel):

@@ -15,6 +15,13 @@ Values left untouched: absolute paths, URLs and fsspec paths (anything with ``:/
 prefix. Keys marked ``prefixed`` (a model name or ``local-dir:PATH``) resolve ``local-dir:`` values
 only. ``~`` is expanded. A glob (``*``, ``?``, ``[``) counts as existing where it matches a file.
 Lists of values are resolved item by item.
+
+``missing_paths`` lists the local paths a validated config names that do not exist (``clipcurate
+validate`` and a run on a local Ray refuse them before any work): every ``local-dir:PATH``; the plain
+values of keys marked ``always`` (always a path: an input, a metadata file, a config file); and, for
+keys whose plain value may also be a name (a model id, a pretrained tag), values that can only be a
+path (absolute, or starting with ``./``, ``../`` or ``~``). URLs other than ``file://`` and ``hf-hub:``
+ids are not checked here (the source checks its own input, remote included).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stages.base import PATH_MARK, PATH_PREFIXED
+from stages.base import PATH_ALWAYS, PATH_MARK, PATH_PREFIXED
 
 LOCAL_DIR = "local-dir:"
 UNTOUCHED_PREFIXES = ("hf-hub:",)
@@ -100,3 +107,43 @@ def base_dirs(workflow_file: str | Path | None) -> list[Path]:
     """Where relative paths are looked up: the workflow file's folder (if any), then the cwd."""
     dirs = [Path(workflow_file).parent] if workflow_file is not None else []
     return [*dirs, Path.cwd()]
+
+
+def _local_target(value: str, mark: str, always: bool) -> str | None:
+    """The local path to check for a path key's ``value``, or None (see ``missing_paths``)."""
+    if value.startswith(LOCAL_DIR):
+        return value[len(LOCAL_DIR) :]
+    if mark == PATH_PREFIXED or not value or value.startswith(UNTOUCHED_PREFIXES):
+        return None
+    if value.startswith("file://"):
+        return value[len("file://") :]
+    if "://" in value:
+        return None
+    if always or os.path.isabs(value) or value.startswith(("./", "../", "~")):
+        return os.path.expanduser(value)
+    return None
+
+
+def missing_paths(config: BaseModel, prefix: str = "") -> list[tuple[str, str]]:
+    """``(key, value)`` of each local path that the validated ``config`` (nested models included)
+    names and that does not exist, relative paths taken from the working directory (where config
+    loading has put them, ``resolve_path``)."""
+    out: list[tuple[str, str]] = []
+    for name, field in type(config).model_fields.items():
+        value = getattr(config, name, None)
+        key = f"{prefix}{name}"
+        mark = _mark(field)
+        if mark:
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            values = value if isinstance(value, list) else [value]
+            for v in values:
+                target = _local_target(v, mark, bool(extra.get(PATH_ALWAYS))) if isinstance(v, str) else None
+                if target is not None and not _exists(Path(target)):
+                    out.append((key, v))
+        elif isinstance(value, BaseModel):
+            out += missing_paths(value, f"{key}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    out += missing_paths(item, f"{key}.{i}.")
+    return out

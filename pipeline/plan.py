@@ -107,8 +107,9 @@ def describe(pipe: Pipeline, steps: list[StepPlan]) -> str:
             "source": "driver splits the input into shards; Ray tasks load them",
             "sink": "Ray Datasink: one tar + parquet + stats per shard",
             "task": f"Ray tasks (num_cpus={r['num_cpus']})",
-            "actor": f"actor pool (concurrency={r['concurrency']}, num_cpus={r['num_cpus']}, num_gpus={r['num_gpus']})",
-            "hook": f"dataset-level operation (ray.data.llm processor, concurrency={r['concurrency']})",
+            "actor": f"actor pool of {r['concurrency'] or 1} (num_cpus={r['num_cpus']:g}, num_gpus={r['num_gpus']:g} each)",
+            "hook": f"dataset-level operation (ray.data.llm processor, {r['concurrency'] or 1} replicas, "
+            f"num_gpus={r['num_gpus']:g} each)",
         }[s.kind]
         glob = "  [global: fit pass over the whole pool first]" if s.is_global else ""
         lines.append(f"   {s.index}. {s.name:<13} {how}{glob}")
@@ -118,4 +119,45 @@ def describe(pipe: Pipeline, steps: list[StepPlan]) -> str:
             lines.append(f"        produces: {', '.join(s.produces)}")
         if r.get("batch_size"):
             lines.append(f"        batch_size: {r['batch_size']}")
-    return "\n".join(lines)
+    return "\n".join(lines + resource_lines(pipe))
+
+
+def resource_lines(pipe: Pipeline) -> list[str]:
+    """The plan's resource totals per segment (``pipeline.capacity``), and whether the Ray the run
+    would use can hold them: a local Ray is checked here; a cluster when the run starts."""
+    import os
+
+    from pipeline import capacity
+
+    built = [pipe.build(spec.index) for spec in pipe.stages]
+    names = [spec.name for spec in pipe.stages]
+    _, segs = capacity.segments(built)
+    needs = [n for n in capacity.needs(built, names, segs) if n.stages]
+    lines = ["  resources (stages between global stages run together; pools hold their share throughout):"]
+    for n in needs:
+        tasks = f", {n.task_cpus:g} CPU kept free for task stages" if n.task_cpus else ""
+        lines.append(
+            f"    {' -> '.join(names[i] for i in n.stages)}: {n.actors} actors, {n.cpus:g} CPUs, {n.gpus:g} GPUs{tasks}"
+        )
+    peak_cpu = max((n.cpus for n in needs), default=0.0)
+    peak_gpu = max((n.gpus for n in needs), default=0.0)
+    peak_actors = max((n.actors for n in needs), default=0)
+    lines.append(f"    at most: {peak_cpu:g} CPUs, {peak_gpu:g} GPUs, {peak_actors} actors at a time")
+    address = pipe.config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        lines.append(f"  cluster {address}: checked against these totals when the run starts")
+        return lines
+    cpus, gpus = capacity.local_capacity(pipe.config.ray.num_cpus)
+    short = [n for n in needs if n.pools and (n.cpus > cpus + 1e-9 or n.gpus > gpus + 1e-9)]
+    if not short:
+        lines.append(f"  local Ray ({cpus:g} CPUs, {gpus:g} GPUs): holds them")
+        return lines
+    n = short[0]
+    i = capacity.largest_pool(n)
+    lines.append(
+        f"  WARNING: a local Ray ({cpus:g} CPUs, {gpus:g} GPUs) cannot hold the pools that run together "
+        f"({', '.join(n.parts)}: {n.cpus:g} CPUs, {n.gpus:g} GPUs); the run would stop before any work. Lower "
+        f"'concurrency', 'num_cpus' or 'num_gpus' (e.g. --set stages.{names[i]}.concurrency=1), or run on a "
+        f"cluster (ray.address or RAY_ADDRESS)"
+    )
+    return lines

@@ -14,7 +14,9 @@ from schemas import OK
 
 
 class ProgressPrinter:
-    """Prints one line of per-stage row counters every few seconds (stderr), beside Ray Data's bars."""
+    """Prints one line of per-stage counters each time it is called (the executor calls it every
+    10 s; stderr): the rows each stage has processed so far (the ``ok`` rows it got; every row for the
+    source and the sink), and after ``-`` the rows it rejected."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -22,7 +24,7 @@ class ProgressPrinter:
 
     def __call__(self, snap: dict) -> None:
         parts = []
-        for stage, rows in snap["rows"].items():
+        for stage, rows in snap.get("processed", snap["rows"]).items():
             rej = sum(snap["status"].get(stage, {}).values())
             parts.append(f"{stage} {rows}" + (f" (-{rej})" if rej else ""))
         if parts:

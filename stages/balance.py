@@ -88,6 +88,7 @@ def tail_fraction(counts: np.ndarray, t: int) -> float:
 
 class BalanceConfig(StageConfig):
     metadata: str = path_field(
+        always=True,
         description="MetaCLIP metadata: a JSON list of entry strings (MetaCLIP's `metadata.json`) or a `.txt` "
         "file with one entry per line."
     )

@@ -76,11 +76,19 @@ DEFAULT_MAX_ERROR_FRACTION = 0.1
 PATH_MARK = "path"
 PATH_ANY = "any"  # a plain value is a path when it exists (``local-dir:`` resolved, ``hf-hub:``/URLs kept)
 PATH_PREFIXED = "local-dir"  # only ``local-dir:PATH`` values are paths (plain values are model names)
+# ``json_schema_extra`` key of a path key whose plain value is always a path (never a model name or a
+# tag): ``clipcurate validate`` and a local run check that it exists (``pipeline.paths.missing_paths``).
+PATH_ALWAYS = "path_always"
 
 
-def path_field(default: Any = ..., *, description: str, prefixed: bool = False, **kwargs: Any) -> Any:
-    """``Field(...)`` of a config key that names a local path (see ``PATH_MARK``)."""
-    extra = {PATH_MARK: PATH_PREFIXED if prefixed else PATH_ANY}
+def path_field(
+    default: Any = ..., *, description: str, prefixed: bool = False, always: bool = False, **kwargs: Any
+) -> Any:
+    """``Field(...)`` of a config key that names a local path (see ``PATH_MARK``). ``always``: its
+    plain value is always a path (a file, folder or glob), never a name (see ``PATH_ALWAYS``)."""
+    extra: dict[str, Any] = {PATH_MARK: PATH_PREFIXED if prefixed else PATH_ANY}
+    if always:
+        extra[PATH_ALWAYS] = True
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 

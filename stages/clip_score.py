@@ -44,7 +44,7 @@ class ClipScoreConfig(ComputeConfig):
     )
     pretrained: str | None = path_field(None, description="Pretrained tag (`datacomp_xl_s13b_b90k`) or checkpoint path.")
     model_config_path: str | None = path_field(
-        None, description="A custom open_clip model config (JSON); `pretrained` is then the checkpoint path."
+        None, always=True, description="A custom open_clip model config (JSON); `pretrained` is then the checkpoint path."
     )
     batch_size: int = Field(
         2048, ge=1, description="Rows per `process` call; the rows are scored in forward batches of `forward_batch_size`, "

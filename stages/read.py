@@ -49,6 +49,7 @@ RESERVED_COLUMNS = frozenset({"key", "status", "reason", "rejected_by", "image",
 
 class ReadConfig(RoleConfig):
     path: str | list[str] = path_field(
+        always=True,
         description="A file, folder or glob, or a list of them; any fsspec path (`s3://...`, `file://...`). "
         "A folder is read as its files of the format, sorted by name (names starting with `.` or `_` skipped)."
     )

@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests that use the shared Ray session (directly or through the demo run) are integration tests;
     tests that start their own Ray (CLI subprocesses, clusters) carry the marker explicitly.
     ``make test-fast`` runs the rest: ``pytest -m "not integration"``."""
-    ray_fixtures = {"ray_session", "cluster", "two_nodes", "s3"}
+    ray_fixtures = {"ray_session", "cluster", "two_nodes", "s3", "demo_cli_run"}
     for item in items:
         if ray_fixtures & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
@@ -166,10 +166,29 @@ def demo_pipeline(urls: Path, output: Path, extra: list[str] | None = None, inse
 
 
 @pytest.fixture(scope="session")
-def demo_run(ray_session, demo_urls, tmp_path_factory):
-    """The demo workflow run once on real local Ray: (output dir, manifest)."""
-    from pipeline import ray as executor
+def demo_cli_run(demo_urls, tmp_path_factory):
+    """The demo workflow run once as a user runs it, ``python -m pipeline run workflows/demo.yaml``,
+    in a subprocess with its own local Ray, stdout and stderr to one pipe (not a terminal, as in CI,
+    ``nohup`` or a Ray Job's log): (output dir, manifest, all it printed, seconds it took)."""
+    import json
+    import subprocess
+    import time
 
     out = tmp_path_factory.mktemp("demo_out") / "output"
-    manifest = executor.run(demo_pipeline(demo_urls, out))
+    cmd = [sys.executable, "-m", "pipeline", "run", str(REPO / "workflows" / "demo.yaml"), "--output", str(out),
+           "--set", f"stages.read.path={demo_urls}"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    t0 = time.monotonic()
+    r = subprocess.run(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout[-6000:]
+    return out, json.loads((out / "manifest.json").read_text()), r.stdout, elapsed
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_cli_run):
+    """The demo workflow's output, run once (``demo_cli_run``): (output dir, manifest)."""
+    out, manifest, _, _ = demo_cli_run
     return out, manifest

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray
 
+from pipeline import capacity
 from pipeline import manifest as manifest_mod
 from pipeline.config import Pipeline
 from pipeline.ray import hooks, resources
@@ -67,8 +68,9 @@ def find_stage_failure(err: BaseException) -> StageFailed | None:
 
 
 class Executor:
-    def __init__(self, pipe: Pipeline, overwrite: bool = False, on_progress=None):
+    def __init__(self, pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False):
         self.pipe = pipe
+        self.quiet = quiet  # no Ray Data progress or INFO lines (``session.configure_data_context``)
         self.overwrite = overwrite
         self.on_progress = on_progress
         if not pipe.config.output:
@@ -110,7 +112,7 @@ class Executor:
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=GLUE_TASK_CPUS,
-            concurrency=glue_concurrency(),
+            compute=ray.data.TaskPoolStrategy(size=glue_concurrency()),
             max_retries=self.rc.max_task_retries,
         )
 
@@ -141,17 +143,7 @@ class Executor:
 
     # -- segments
     def _segments(self) -> tuple[list[int], list[list[int]]]:
-        middle = list(range(1, len(self.stages) - 1))
-        globals_ = [i for i in middle if self.stages[i].is_global]
-        segs, cur = [], []
-        for i in middle:
-            if i in globals_:
-                segs.append(cur)
-                cur = [i]
-            else:
-                cur.append(i)
-        segs.append(cur)
-        return globals_, segs
+        return capacity.segments(self.stages)
 
     def dataset(self, pending: list[int]):
         """The Ray Dataset of the last segment for ``pending`` shards (fitting global stages first)."""
@@ -167,8 +159,8 @@ class Executor:
     # -- main
     def prepare(self) -> list[int]:
         """Start Ray, check resources and the output, split the input; the shards still to write."""
-        init_ray(self.pipe)
-        configure_data_context(self.pipe)
+        init_ray(self.pipe, quiet=self.quiet)
+        configure_data_context(self.pipe, quiet=self.quiet)
         self.globals, self.segs = self._segments()
         resources.check(self.pipe.source, self.stages, self.targets, self.segs)
         self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite)
@@ -209,7 +201,7 @@ class Executor:
         try:
             if pending:
                 self.dataset(pending).write_datasink(
-                    ShardSink(sink.name, self.targets[-1], self.cfg_json[-1], ctx),
+                    ShardSink(sink.name, self.targets[-1], self.cfg_json[-1], ctx, self.counter),
                     ray_remote_args={"num_cpus": GLUE_TASK_CPUS},
                     concurrency=glue_concurrency(),
                 )
@@ -263,5 +255,5 @@ class Executor:
                 self.on_progress(snap)
 
 
-def run(pipe: Pipeline, overwrite: bool = False, on_progress=None) -> dict:
-    return Executor(pipe, overwrite=overwrite, on_progress=on_progress).run()
+def run(pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False) -> dict:
+    return Executor(pipe, overwrite=overwrite, on_progress=on_progress, quiet=quiet).run()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -27,6 +28,9 @@ ENV_PREFIXES = ("CLIPCURATE_", "NO_ALBUMENTATIONS", "HF_", "AWS_", "FSSPEC_", "G
 GLUE_TASK_CPUS = 0
 
 
+AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def glue_concurrency() -> int:
     """Glue tasks in flight per operator: enough writers for a large cluster, few on a small one."""
     return max(2, int(ray.cluster_resources().get("CPU", 0)) // 4)
@@ -36,18 +40,28 @@ def forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
 
 
-def init_ray(pipe) -> None:
+def init_ray(pipe, quiet: bool = False) -> None:
+    """Join the cluster at ``ray.address`` / ``$RAY_ADDRESS``, else start a local Ray. ``quiet`` (the
+    CLI's progress mode when stdout is not a terminal): Ray's INFO lines and the workers' Hugging Face
+    progress bars are left out of the output (Ray's session logs still have everything)."""
     if ray.is_initialized():
         return
     rc = pipe.config.ray
     address = rc.address or os.environ.get("RAY_ADDRESS")
+    if quiet:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # "Loading weights: 100%|..." per actor
     env = {"env_vars": forwarded_env()}
+    level = logging.WARNING if quiet else logging.INFO
     if address:
         # Inside a Ray Job the job's runtime env already reaches every worker; passing one here too
         # makes Ray refuse to merge any key both set.
         in_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
-        ray.init(address=address, runtime_env=None if in_job else env, log_to_driver=True)
+        ray.init(
+            address=address, runtime_env=None if in_job else env, log_to_driver=True, logging_level=level
+        )
     else:
+        if quiet:  # Ray >= 2.60 says in a WARNING line on every new local Ray that token auth is on
+            logging.getLogger(AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
         ray.init(
             address="local",  # never attach to some other cluster on this machine by accident
             num_cpus=rc.num_cpus,
@@ -55,6 +69,7 @@ def init_ray(pipe) -> None:
             include_dashboard=False,
             runtime_env=env,
             log_to_driver=True,
+            logging_level=level,
         )
 
 
@@ -79,12 +94,47 @@ def _pass_actor_arguments_by_value() -> None:
     ActorPoolMapOperator._clipcurate_by_value = True
 
 
-def configure_data_context(pipe) -> None:
+# Ray Data console lines left out in quiet mode (its log file in the session dir keeps them): the note
+# that progress bars are off (we turned them off), and the "no available CPUs" warning Ray Data logs
+# when a dataset starts right after ``ray.init`` (the cluster has not reported its CPUs yet; the
+# pre-flight check ``pipeline.ray.resources`` has already made sure the actor pools fit).
+QUIET_DATA_MESSAGES = (
+    "Progress bars disabled",
+    "Progress bars for operators disabled",
+    "does not have any available CPUs",
+)
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(m in msg for m in QUIET_DATA_MESSAGES)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler: WARNING and above, without ``QUIET_DATA_MESSAGES`` (its file
+    handler, ``ray-data.log`` in the session's logs, keeps every line)."""
+    from ray.data._internal.logging import SessionFileHandler
+
+    for h in logging.getLogger("ray.data").handlers:
+        if isinstance(h, SessionFileHandler):
+            continue
+        h.setLevel(logging.WARNING)
+        if not any(isinstance(f, _DropMessages) for f in h.filters):
+            h.addFilter(_DropMessages())
+
+
+def configure_data_context(pipe, quiet: bool = False) -> None:
+    """Ray Data's context for a run. ``quiet``: no Ray Data progress (bars on a terminal, a 15-line
+    block every 10 s otherwise) and no INFO lines; else its progress as ``ray.show_progress`` says."""
     _pass_actor_arguments_by_value()
     ctx = DataContext.get_current()
     ctx.target_max_block_size = pipe.config.ray.target_max_block_size
-    ctx.enable_progress_bars = pipe.config.ray.show_progress
-    ctx.enable_operator_progress_bars = pipe.config.ray.show_progress
+    show = pipe.config.ray.show_progress and not quiet
+    if quiet:
+        quiet_ray_data_console()
+    ctx.enable_progress_bars = show
+    ctx.enable_operator_progress_bars = show
     ctx.verbose_progress = False
     ctx.execution_options.preserve_order = False
 

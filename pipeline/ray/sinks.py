@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipeline.ray.workers import build
+from pipeline.ray.workers import build, counter_handle
 from schemas.row import SHARD_COL
 from stages.io import atomic_write_bytes
 
 
 class ShardSink(Datasink):
-    """Writes final shards through the pipeline's ``Sink``; returns one stats dict per shard."""
+    """Writes final shards through the pipeline's ``Sink``; returns one stats dict per shard. Each
+    block's rows and busy seconds go to the run's ``Counter`` (``counter``: its name), like a stage's."""
 
-    def __init__(self, name: str, target: str, cfg_json: str, ctx):
+    def __init__(self, name: str, target: str, cfg_json: str, ctx, counter: str | None = None):
         self.name, self.target, self.cfg_json, self.ctx = name, target, cfg_json, ctx
+        self.counter = counter
 
     def get_name(self) -> str:
         return self.name
@@ -25,9 +29,13 @@ class ShardSink(Datasink):
     def write(self, blocks, ctx) -> list[dict]:
         sink = build(self.target, self.cfg_json)
         results = []
+        h = counter_handle(self.counter)
         for block in blocks:
             if block.num_rows:
+                t0 = time.perf_counter()
                 results.extend(sink.write(block, self.ctx))
+                if h is not None:
+                    h.report.remote(self.name, block.num_rows, time.perf_counter() - t0, {})
         return results
 
 

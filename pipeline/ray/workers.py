@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from pipeline import registry
+from schemas import OK
 
 # ---- per-process cache of built stages ---------------------------------------------------------------
 
@@ -62,22 +63,33 @@ def build(target: str, cfg_json: str, state_url: str | None = None, setup: bool 
 
 @ray.remote(num_cpus=0)
 class Counter:
-    """Per-stage row counters, seconds and status counts, reported by every worker after each block."""
+    """Per-stage counters, reported by every worker after each block: ``rows`` it passed on (every
+    row of the block), ``processed`` (the rows it worked on: the ``ok`` rows it got, every row for the
+    source and the sink), busy ``seconds`` and the statuses it set."""
 
     def __init__(self):
         self.rows: dict[str, int] = {}
+        self.processed: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.status: dict[str, dict[str, int]] = {}
 
-    def report(self, stage: str, rows: int, seconds: float, rejected: dict[str, int]) -> None:
+    def report(
+        self, stage: str, rows: int, seconds: float, rejected: dict[str, int], processed: int | None = None
+    ) -> None:
         self.rows[stage] = self.rows.get(stage, 0) + rows
+        self.processed[stage] = self.processed.get(stage, 0) + (rows if processed is None else processed)
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
         d = self.status.setdefault(stage, {})
         for k, v in rejected.items():
             d[k] = d.get(k, 0) + v
 
     def snapshot(self) -> dict:
-        return {"rows": dict(self.rows), "seconds": dict(self.seconds), "status": {k: dict(v) for k, v in self.status.items()}}
+        return {
+            "rows": dict(self.rows),
+            "processed": dict(self.processed),
+            "seconds": dict(self.seconds),
+            "status": {k: dict(v) for k, v in self.status.items()},
+        }
 
 
 def rejected_by(table: pa.Table, stage: str) -> dict[str, int]:
@@ -106,12 +118,22 @@ def counter_handle(counter: str | None):
     return h
 
 
+def ok_rows(table: pa.Table) -> int:
+    """Rows of ``table`` a stage works on (``Stage.__call__`` hands only the ``ok`` rows to ``process``)."""
+    import pyarrow.compute as pc
+
+    if "status" not in table.column_names:
+        return table.num_rows
+    return int(pc.sum(pc.equal(table.column("status"), OK).fill_null(False).cast(pa.int64())).as_py() or 0)
+
+
 def run_stage(stage, name: str, batch: pa.Table, counter: str | None) -> pa.Table:
     t0 = time.perf_counter()
+    processed = ok_rows(batch)
     out = stage(batch)
     h = counter_handle(counter)
     if h is not None:
-        h.report.remote(name, out.num_rows, time.perf_counter() - t0, rejected_by(out, name))
+        h.report.remote(name, out.num_rows, time.perf_counter() - t0, rejected_by(out, name), processed)
     return out
 
 

@@ -162,7 +162,7 @@ class RewriteConfig(ComputeConfig):
         description="Chat mode: the user message; `{prompt}` = the LaCLIP few-shot prompt, `{caption}` = the caption.",
     )
     bank: str | None = path_field(
-        None, description='JSONL of {"source", "target"} example pairs; null: stages/data/laclip_bank.jsonl.'
+        None, always=True, description='JSONL of {"source", "target"} example pairs; null: stages/data/laclip_bank.jsonl.'
     )
     k: int = Field(3, ge=0, description="Examples per prompt.")
     n_rewrites: int = Field(4, ge=1, description="Rewrites kept per caption.")

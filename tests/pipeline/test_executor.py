@@ -26,3 +26,15 @@ def test_unplaceable_actor_pools_fail_before_any_work(ray_session, demo_urls, tm
     for w in words:
         assert w in msg, msg
     assert not out.exists(), "no work before the check"
+
+
+def test_counters_count_the_rows_a_stage_works_on():
+    """The progress counters count the ``ok`` rows a stage got (``Stage.__call__`` processes only
+    those), not the rejected rows it passes through."""
+    import pyarrow as pa
+
+    from pipeline.ray.workers import ok_rows
+
+    t = pa.table({"status": ["ok", "filtered_clip", "ok", None, "download_failed"]})
+    assert ok_rows(t) == 2
+    assert ok_rows(pa.table({"url": ["a", "b"]})) == 2, "a table without statuses yet (the source's input)"

@@ -133,3 +133,34 @@ def test_plan_rejects_a_dedup_on_sha256_before_download():
         plan.check(config.from_dict(raw, source="w.yaml"))
     raw["stages"][1] = {"dedup": {"by": ["url"]}}
     plan.check(config.from_dict(raw, source="w.yaml"))
+
+
+# ---- missing_paths: the files a workflow names exist (clipcurate validate, a local run) --------------
+
+
+def test_missing_paths_names_each_missing_file(tmp_path, monkeypatch):
+    """Keys whose value is always a path are checked; a key that may hold a name (a model id, a tag)
+    only when the value can only be a path; URLs and hf-hub: ids never."""
+    from pipeline import registry
+    from pipeline.paths import missing_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta.json").write_text('["a"]')
+    (tmp_path / "model").mkdir()
+    cfg = lambda name, **kw: registry.get(name).Config(**kw)  # noqa: E731
+    assert missing_paths(cfg("balance", metadata="meta.json")) == []
+    assert missing_paths(cfg("balance", metadata="nope.json")) == [("metadata", "nope.json")]
+    assert missing_paths(cfg("clip_score", model="local-dir:model")) == []
+    assert missing_paths(cfg("clip_score", model="local-dir:gone")) == [("model", "local-dir:gone")]
+    assert missing_paths(cfg("clip_score", model="ViT-B-32", pretrained="laion2b_s34b_b79k")) == []
+    assert missing_paths(cfg("clip_score", model="hf-hub:org/name")) == []
+    assert missing_paths(cfg("clip_score", model="ViT-B-32", pretrained="./ckpt.pt")) == [("pretrained", "./ckpt.pt")]
+    assert missing_paths(cfg("read", path=["meta.json", "s3://bucket/x.parquet", "gone*.parquet"])) == [
+        ("path", "gone*.parquet")
+    ]
+    assert missing_paths(cfg("read", path=f"file://{tmp_path}/meta.json")) == []
+    # nested configs (rewrite's engine): a Hub id is a name; a folder spelled as a path must exist
+    rw = cfg("rewrite", engine={"type": "transformers", "model": "org/model"})
+    assert missing_paths(rw) == []
+    rw = cfg("rewrite", engine={"type": "transformers", "model": "./models/lm"})
+    assert missing_paths(rw) == [("engine.model", "./models/lm")]

@@ -1,15 +1,22 @@
-"""Submission to a Ray cluster (issue #8, acceptance 2): a real local cluster started with
-``ray start --head`` on 127.0.0.1 (dashboard and Job API included), the demo workflow submitted with
-``clipcurate submit`` and with plain ``ray job submit --working-dir .``; both jobs SUCCEED and write
-the same output as a local run (same keys per status, same image bytes per key).
+"""Submission to a Ray cluster (issue #8, acceptance 2; issue #19, acceptance 2): a real local cluster
+started with ``ray start --head`` on 127.0.0.1 (dashboard and Job API included), the demo workflow
+submitted with ``clipcurate submit`` and with plain ``ray job submit --working-dir .``; both jobs SUCCEED
+and write the same output as a local run (same keys per status, same image bytes per key).
+
+Token authentication, set up only as README.md ("Running on a Ray cluster") says: the head is started
+as a user starts it, with a token where Ray looks for one (``RAY_AUTH_TOKEN_PATH``) and no
+``RAY_AUTH_MODE``, which turns token authentication on (Ray >= 2.60). ``ray job submit`` gets
+``RAY_AUTH_MODE=token`` and the token in ``RAY_AUTH_TOKEN``; ``clipcurate submit`` gets only the token
+file and sets the mode itself. Without the token, or with another one, ``clipcurate submit`` fails in one
+line, and ``ray job submit`` without ``RAY_AUTH_MODE=token`` is refused, as the README says.
 
 The cluster shares this venv, so the jobs install nothing (``CLIPCURATE_SUBMIT_PIP=0``), and the
 working dir is uploaded without ``.venv``/outputs/``.git`` (pyproject's runtime_env excludes and
-``.rayignore``). The cluster runs with token authentication (a fresh token in a temp file) and its own
-``--temp-dir``, so it never becomes the "current cluster" of other Ray programs on the machine. It is
-stopped by signalling the ``ray start --block`` process this test started (it stops the processes it
-launched); ``ray stop`` is not used because it kills every Ray process of the machine, including the
-test session's own local Ray.
+``.rayignore``). Its ports come from the OS's ephemeral range (``free_port``), outside Ray's worker
+ports (10002-19999), and it has its own ``--temp-dir``, so it never becomes the "current cluster" of
+other Ray programs on the machine. It is stopped by signalling the ``ray start --block`` process this
+test started (it stops the processes it launched); ``ray stop`` is not used because it kills every Ray
+process of the machine, including the test session's own local Ray.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
@@ -37,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not RAY_CLI.exists(), reason=f"the ray CLI is missing ({RAY_CLI})")
 WORLD_N = 60  # a small world: three shards of 20
 SETS = ["samples_per_shard=20", "ray.show_progress=false"]
+RAY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +59,34 @@ def small_urls(tmp_path_factory):
         yield write_url_list(world, base_url)
 
 
+@dataclass
+class Cluster:
+    address: str  # the dashboard (Job API)
+    token: str
+    token_file: Path
+    base_env: dict  # this venv first on PATH, no Ray address or auth variables (this process's Ray sets some)
+
+    def env(self, **extra: str) -> dict:
+        return {**self.base_env, **extra}
+
+    @property
+    def ray_cli_env(self) -> dict:
+        """README: `export RAY_AUTH_MODE=token` and the token (here in RAY_AUTH_TOKEN) for `ray job submit`."""
+        return self.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A real single-node cluster: (dashboard address, env for clients and jobs)."""
+    """A real single-node cluster with token authentication on, started as README.md says."""
     logs = tmp_path_factory.mktemp("cluster")
-    token = logs / "auth_token"
-    token.write_text(secrets.token_hex(32))
+    token = secrets.token_hex(32)
+    token_file = logs / "auth_token"
+    token_file.write_text(token)
     # Ray's unix socket paths live under --temp-dir and must stay short: use /tmp directly.
     temp_dir = tempfile.mkdtemp(prefix="ccray", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the jobs' `python` is this venv's
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN_PATH=str(token),
+    base = {k: v for k, v in os.environ.items() if k not in RAY_VARS}
+    base.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}",  # the jobs' `python` is this venv's
         RAY_USAGE_STATS_ENABLED="0",
         CLIPCURATE_SUBMIT_PIP="0",
     )
@@ -74,11 +98,13 @@ def cluster(tmp_path_factory):
         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
     log = open(logs / "ray_start.log", "wb")  # noqa: SIM115 - closed in the finally below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    head_env = {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)}  # a token, no RAY_AUTH_MODE
+    proc = subprocess.Popen(cmd, env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    c = Cluster(f"http://127.0.0.1:{dash}", token, token_file, base)
     try:
-        _wait_ready(address, env, proc, logs / "ray_start.log")
-        yield address, env
+        _wait_ready(c.address, c.ray_cli_env, proc, logs / "ray_start.log")
+        assert "Token authentication is enabled" in (logs / "ray_start.log").read_text()
+        yield c
     finally:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
         try:
@@ -106,12 +132,14 @@ def _wait_ready(address: str, env: dict, proc: subprocess.Popen, log: Path) -> N
     pytest.fail(f"the Ray dashboard at {address} did not come up:\n{log.read_text()[-4000:]}")
 
 
-def _job_statuses(address: str, env: dict) -> dict[str, str]:
+def _job_statuses(cluster: Cluster) -> dict[str, str]:
     code = (
         "import json; from ray.job_submission import JobSubmissionClient as C; "
-        f"print(json.dumps({{j.submission_id: j.status.value for j in C({address!r}).list_jobs()}}))"
+        f"print(json.dumps({{j.submission_id: j.status.value for j in C({cluster.address!r}).list_jobs()}}))"
     )
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=cluster.ray_cli_env, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -150,35 +178,67 @@ def _same_as_local(out: Path, local) -> None:
 
 
 def test_clipcurate_submit(cluster, small_urls, local_out, tmp_path):
-    address, env = cluster
+    """README: the token where Ray looks for it (here RAY_AUTH_TOKEN_PATH); no RAY_AUTH_MODE needed."""
     out = tmp_path / "submitted"
-    cmd = [sys.executable, "-m", "pipeline", "submit", "workflows/demo.yaml", "--address", address,
+    env = cluster.env(RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
+    cmd = [sys.executable, "-m", "pipeline", "submit", "workflows/demo.yaml", "--address", cluster.address,
            "--working-dir", str(REPO), "--set", f"stages.read.path={small_urls}",
            "--", "--output", str(out), *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
-    before = _job_statuses(address, env)
+    before = _job_statuses(cluster)
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-4000:]
     assert ": SUCCEEDED" in r.stdout
     assert "rows:" in r.stdout, "the job's logs (the run summary) are streamed back"
-    new = {k: v for k, v in _job_statuses(address, env).items() if k not in before}
+    assert f"output:   {out}" in r.stdout, "the summary names the output's absolute path"
+    assert "logging_progress" not in r.stdout, "a job's log is not a terminal: no Ray Data progress blocks"
+    new = {k: v for k, v in _job_statuses(cluster).items() if k not in before}
     assert list(new.values()) == ["SUCCEEDED"]
     _same_as_local(out, local_out)
 
 
 def test_plain_ray_job_submit(cluster, small_urls, local_out, tmp_path):
-    address, env = cluster
+    """README: `export RAY_AUTH_MODE=token` and the token (here RAY_AUTH_TOKEN) for `ray job submit`."""
     out = tmp_path / "ray_job_submit"
-    cmd = [str(RAY_CLI), "job", "submit", "--address", address, "--working-dir", ".", "--",
+    cmd = [str(RAY_CLI), "job", "submit", "--address", cluster.address, "--working-dir", ".", "--",
            "python", "-m", "pipeline", "run", "workflows/demo.yaml", "--output", str(out),
            "--set", f"stages.read.path={small_urls}", *[a for s in SETS for a in ("--set", s)]]  # fmt: skip
-    before = _job_statuses(address, env)
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
+    before = _job_statuses(cluster)
+    r = subprocess.run(cmd, cwd=REPO, env=cluster.ray_cli_env, capture_output=True, text=True, timeout=800)
     print(r.stdout[-3000:], r.stderr[-3000:])
     assert r.returncode == 0, r.stderr[-4000:]
-    new = {k: v for k, v in _job_statuses(address, env).items() if k not in before}
+    new = {k: v for k, v in _job_statuses(cluster).items() if k not in before}
     assert list(new.values()) == ["SUCCEEDED"]
     _same_as_local(out, local_out)
+
+
+def test_without_the_token_submit_fails_in_one_line(cluster, small_urls, tmp_path):
+    """No token anywhere (an empty home, no RAY_AUTH_* variables), or another token: `clipcurate submit`
+    ends in one line saying what to do, no traceback, and no job is created. `ray job submit` without
+    RAY_AUTH_MODE=token is refused even with the token (what the README warns about)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cmd = [sys.executable, "-m", "pipeline", "submit", "workflows/demo.yaml", "--address", cluster.address,
+           "--set", f"stages.read.path={small_urls}", "--", "--output", str(tmp_path / "never")]  # fmt: skip
+    before = _job_statuses(cluster)
+    cases = {
+        "uses token authentication and no token was found": cluster.env(HOME=str(home)),
+        "refused the authentication token ($RAY_AUTH_TOKEN)": cluster.env(
+            HOME=str(home), RAY_AUTH_TOKEN="0" * 64
+        ),
+    }
+    for expected, env in cases.items():
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2, r.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], r.stderr
+        assert "Traceback" not in r.stdout + r.stderr
+    plain = [str(RAY_CLI), "job", "list", "--address", cluster.address]
+    r = subprocess.run(
+        plain, env=cluster.env(RAY_AUTH_TOKEN=cluster.token), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode != 0 and "Missing authentication token" in r.stdout + r.stderr
+    assert _job_statuses(cluster) == before, "no job was created"
 
 
 def test_runtime_env_from_pyproject(monkeypatch):
