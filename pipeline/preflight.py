@@ -5,7 +5,8 @@ is written to the output (DESIGN.md, "Errors and bad input").
   refused unless ``--overwrite``, and so is a rerun whose input files changed since the run read them;
 * the input, through the source's (the first stage's) ``check``; for ``read``: the path exists (file, folder, glob, any fsspec URL),
   its format is known, the configured columns are there (Parquet schema, first rows or header of text
-  files; never a whole file) and it has at least one row (unless ``allow_empty``).
+  files; never a whole file) and it has at least one row (unless ``allow_empty``);
+* the optional packages the entries need (``packages()``; the ``vllm`` rewrite engine needs vLLM).
 
 Each failure is a ``ConfigError`` whose text is one line naming the file, the stage and the key.
 This module imports no Ray.
@@ -20,6 +21,19 @@ from pipeline.runs import RunDir, source_fingerprint
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def missing_packages(pipe: Pipeline) -> None:
+    """Raise ``ConfigError`` for the first package an entry needs (``packages()``) that is not installed."""
+    from importlib.util import find_spec
+
+    for spec in pipe.stages:
+        for module, key, hint in pipe.build(spec.index).packages():
+            if find_spec(module) is None:
+                raise ConfigError(
+                    f"{pipe.source}: stages[{spec.index}] ({spec.name}): key '{key}': needs the Python "
+                    f"package '{module}', which is not installed ({hint})"
+                )
 
 
 def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
@@ -37,6 +51,7 @@ def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
         raise ConfigError(f"{where}: {_one_line(e)}") from None
     except OSError as e:  # permissions, credentials, an unreachable store
         raise ConfigError(f"{where}: key 'path': cannot open the input: {_one_line(e)}") from None
+    missing_packages(pipe)
     try:
         RunDir(pipe.config.output).check(pipe, overwrite=overwrite, fingerprint=fingerprint)
     except OSError as e:

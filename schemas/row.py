@@ -83,6 +83,11 @@ IMAGE_COLUMN = "image"
 SCORE_COLUMNS: tuple[str, ...] = ("clip_score",)
 REWRITES_COLUMN = "caption_rewrites"
 
+# Written by the sink into the Parquet: the tar (relative to the output) holding the row's sample (null:
+# none), and, with write.img2dataset_compat (where ``status`` holds img2dataset's values), our status.
+TAR_COLUMN = "tar"
+OWN_STATUS_COLUMN = "clipcurate_status"
+
 # Columns nulled when a row is rejected (they are the expensive ones to carry around).
 HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
 # Columns that never go in a sample's ``.json`` inside the tar.

@@ -12,7 +12,7 @@ from pipeline.html.data import label_name, read_images
 from pipeline.html.markup import e, img, section, thumb
 from pipeline.runs import RunDir
 from schemas import OK
-from schemas.row import REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL
+from schemas.row import REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL, TAR_COLUMN
 
 SAMPLES_PER_GROUP = 12  # kept and rejected: at most 24 cards
 
@@ -79,8 +79,9 @@ def card(row: dict, image_uri: str | None, rc: ReportConfig) -> str:
 def samples(rd: RunDir, df: pl.DataFrame, rc: ReportConfig) -> str:
     kept, rejected = pick_samples(df)
     wanted: dict[str, list[str]] = {}
-    for shard, key in kept.select(SHARD_COL, "key").iter_rows():
-        wanted.setdefault(shard, []).append(key)
+    tars = kept[TAR_COLUMN] if TAR_COLUMN in kept.columns else [None] * kept.height  # None: the shard's own
+    for shard, tar, key in zip(kept[SHARD_COL], tars, kept["key"]):
+        wanted.setdefault(tar or shard, []).append(key)
     images = read_images(rd, wanted)
     body = ""
     for title, part in (("Kept", kept), ("Rejected", rejected)):
