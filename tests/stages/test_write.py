@@ -138,3 +138,26 @@ def test_reshard_killed_midway_is_redone_to_the_same_bytes(tmp_path):
     for n in names:
         if n.endswith((".tar", ".parquet")) or n == "sizes.json":
             assert (clean / n).read_bytes() == (killed / n).read_bytes(), n
+
+
+def test_the_report_reads_compat_statuses_and_finds_images_in_balanced_tars(tmp_path):
+    """The report's readers (pipeline/html) on sink outputs: our status from ``clipcurate_status`` under
+    img2dataset_compat, and kept samples' images from the tar the Parquet names after reshard."""
+    from pipeline.config import ReportConfig
+    from pipeline.html.data import load_rows
+    from pipeline.html.samples import pick_samples, samples
+    from pipeline.runs import RunDir
+
+    compat = tmp_path / "compat"
+    run_sink(Write(WriteConfig(img2dataset_compat=True)), compat, [sink_rows(0, 10, lambda i: i % 2)])
+    df = load_rows(RunDir(str(compat)), ["key", "status", "reason"])
+    assert sorted(df["status"].unique()) == ["download_failed", "ok"]
+
+    balanced = tmp_path / "balanced"
+    shards = [sink_rows(s, n, keep) for s, n, keep in UNEVEN]
+    run_sink(Write(WriteConfig(reshard={"samples_per_shard": 25})), balanced, shards)
+    df = load_rows(RunDir(str(balanced)), ["key", "status", "reason", "rejected_by", "caption"])
+    kept, _ = pick_samples(df)
+    assert kept.height > 0 and set(kept["tar"]) <= {p.name for p in balanced.glob("*.tar")}
+    page = samples(RunDir(str(balanced)), df, ReportConfig())
+    assert page.count("data:image/jpeg") >= kept.height, "every kept sample is shown with its image"
