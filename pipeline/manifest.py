@@ -105,7 +105,7 @@ def build(
                 tgt[k] = tgt.get(k, 0) + v
     shards = [ShardEntry(name=st["shard"], count=st["count"], successes=st["successes"]) for st in stats]
     total = sum(s.count for s in shards)
-    if tars is None:  # one tar per shard
+    if not tars:  # a sink that lists no tars: one per shard
         tars = {shard_files(st["shard"])[0]: st["successes"] for st in stats}
     m = Manifest(
         name=pipe.config.name,
