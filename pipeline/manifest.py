@@ -32,12 +32,26 @@ def versions() -> dict[str, str]:
     return out
 
 
-def shard_pattern(url: str, names: list[str]) -> str:
-    """open_clip's ``--train-data`` brace pattern for the tars of ``names``."""
+def shard_urls(url: str, tars: list[str]) -> str:
+    """The brace pattern of the tar files ``tars`` (``00000.tar`` ...) in output ``url``."""
     root = url.rstrip("/")
+    names = [t[: -len(TAR_SUFFIX)] for t in tars]
     if len(names) > 1:
         return f"{root}/{{{names[0]}..{names[-1]}}}{TAR_SUFFIX}"
-    return f"{root}/{shard_files(names[0])[0]}" if names else ""
+    return f"{root}/{names[0]}{TAR_SUFFIX}" if names else ""
+
+
+# Object stores that webdataset (0.2.86) cannot open by URL: a ``pipe:`` command that streams one
+# object to stdout (open_clip expands the braces first, so each tar gets its own command).
+PIPES = {"s3": "pipe:aws s3 cp {url} -"}
+
+
+def shard_pattern(url: str, tars: list[str]) -> str:
+    """open_clip's ``--train-data`` (and ``wds.WebDataset``'s URL) for the tars ``tars`` in ``url``:
+    the brace pattern, wrapped in a ``pipe:`` command for stores webdataset has no handler for."""
+    plain = shard_urls(url, tars)
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    return PIPES[scheme].format(url=plain) if plain and scheme in PIPES else plain
 
 
 def entering(stage_names: list[str], stage_status: dict[str, dict[str, int]], total: int) -> list[int]:
@@ -66,6 +80,7 @@ def build(
     pipe,
     url: str,
     stats: list[dict],
+    tars: dict[str, int] | None = None,
     stage_names: list[str],
     progress: dict,
     fit_seconds: dict[str, float],
@@ -90,12 +105,16 @@ def build(
                 tgt[k] = tgt.get(k, 0) + v
     shards = [ShardEntry(name=st["shard"], count=st["count"], successes=st["successes"]) for st in stats]
     total = sum(s.count for s in shards)
+    if not tars:  # a sink that lists no tars: one per shard
+        tars = {shard_files(st["shard"])[0]: st["successes"] for st in stats}
     m = Manifest(
         name=pipe.config.name,
         output=url,
         total_rows=total,
         total_samples=sum(s.successes for s in shards),
-        shard_pattern=shard_pattern(url, [s.name for s in shards]),
+        shard_pattern=shard_pattern(url, list(tars)),
+        shard_urls=shard_urls(url, list(tars)),
+        tar_count=len(tars),
         shards=shards,
         status_counts=dict(sorted(status_counts.items())),
         rule_counts=dict(sorted(rule_counts.items(), key=lambda kv: -kv[1])),

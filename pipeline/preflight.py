@@ -5,8 +5,8 @@ is written to the output (DESIGN.md, "Errors and bad input").
   refused unless ``--overwrite``, and so is a rerun whose input files changed since the run read them;
 * the input, through the source's (the first stage's) ``check``; for ``read``: the path exists (file, folder, glob, any fsspec URL),
   its format is known, the configured columns are there (Parquet schema, first rows or header of text
-  files; never a whole file) and it has at least one row (unless ``allow_empty``).
-
+  files; never a whole file) and it has at least one row (unless ``allow_empty``);
+* the optional packages the entries need (``packages()``; the ``vllm`` rewrite engine needs vLLM);
 * on a local Ray (no ``ray.address``, no ``$RAY_ADDRESS``), the local files the other stages name
   (``paths.missing_paths``: model folders, metadata files, ...); on a cluster the workers read them
   from their own disk, so the driver cannot check them;
@@ -102,6 +102,19 @@ def _one_line(e: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def missing_packages(pipe: Pipeline) -> None:
+    """Raise ``ConfigError`` for the first package an entry needs (``packages()``) that is not installed."""
+    from importlib.util import find_spec
+
+    for spec in pipe.stages:
+        for module, key, hint in pipe.build(spec.index).packages():
+            if find_spec(module) is None:
+                raise ConfigError(
+                    f"{pipe.source}: stages[{spec.index}] ({spec.name}): key '{key}': needs the Python "
+                    f"package '{module}', which is not installed ({hint})"
+                )
+
+
 def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
     """Raise ``ConfigError`` (one line) if the run cannot start; read only, writes nothing."""
     src = pipe.source
@@ -111,6 +124,7 @@ def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
     fingerprint = _check_source(pipe, pipe.build(0))
     if not (pipe.config.ray.address or os.environ.get("RAY_ADDRESS")):
         check_paths(pipe)
+    missing_packages(pipe)
     try:
         RunDir(pipe.config.output).check(pipe, overwrite=overwrite, fingerprint=fingerprint)
     except OSError as e:

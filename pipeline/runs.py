@@ -3,7 +3,7 @@
 Layout inside ``OUTPUT`` (any fsspec path)::
 
     00000.tar  00000.parquet  00000_stats.json      # final shards (stats is written last)
-    manifest.json  report.html
+    sizes.json  manifest.json  report.html          # written at the end of the run
     _clipcurate/
         config.json                   # resolved config + hash; a different config is refused
         input/00000.parquet ...       # the input list split into shards (text only)
@@ -30,7 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, Pipeline
-from schemas.manifest import MANIFEST_NAME, STATE_DIR, STATS_SUFFIX, shard_complete, shard_name, shard_of
+from schemas.manifest import (
+    MANIFEST_NAME,
+    SIZES_NAME,
+    STATE_DIR,
+    STATS_SUFFIX,
+    shard_complete,
+    shard_name,
+    shard_of,
+)
 from stages.io import TMP_MARK, atomic_write_bytes, is_local, url_of
 
 
@@ -159,7 +167,7 @@ class RunDir:
             base = posixpath.basename(p.rstrip("/"))
             if base == STATE_DIR:
                 self.fs.rm(p, recursive=True)
-            elif base in (MANIFEST_NAME, "report.html") or _is_shard_file(base):
+            elif base in (MANIFEST_NAME, SIZES_NAME, "report.html") or _is_shard_file(base):
                 self.fs.rm(p)
 
     def remove_tmp(self) -> int:
@@ -207,7 +215,8 @@ class RunDir:
 
     # ---- final shards -------------------------------------------------------------------------
     def completed_shards(self, plan: InputPlan) -> set[int]:
-        """Shards whose three files exist (``_stats.json`` is written last, so it marks completion)."""
+        """Shards whose Parquet and ``_stats.json`` exist (``_stats.json`` is written last, after the
+        tar, so it marks completion; ``schemas.manifest.shard_complete``)."""
         names = {posixpath.basename(p) for p in self.fs.ls(self.root, detail=False)}
         done = set()
         for s in range(plan.n_shards):

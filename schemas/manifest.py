@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_NAME = "manifest.json"
+SIZES_NAME = "sizes.json"  # open_clip's {"NNNNN.tar": samples} beside the tars (written at the end of a run)
 MANIFEST_VERSION = 1
 STATE_DIR = "_clipcurate"  # run state inside the output folder: config, input shards, fit states
 
@@ -38,8 +39,11 @@ def shard_of(base: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> str | Non
 
 
 def shard_complete(name: str, file_names: set[str] | frozenset[str]) -> bool:
-    """Whether the three files of shard ``name`` are among ``file_names`` (base names)."""
-    return set(shard_files(name)) <= set(file_names)
+    """Whether shard ``name`` is complete: its Parquet and its ``_stats.json`` (written last, after
+    the tar) are among ``file_names`` (base names). The tar is not looked for: with
+    ``write.reshard`` it is kept in the run state until the balanced tars replace it."""
+    _, parquet, stats = shard_files(name)
+    return {parquet, stats} <= set(file_names)
 
 
 class ShardStats(BaseModel):
@@ -59,6 +63,12 @@ class ShardStats(BaseModel):
     stage_status: dict[str, dict[str, int]] = Field(default_factory=dict)  # stage -> status -> count
     tar_bytes: int = 0
     parquet_bytes: int = 0
+    tar_samples: int | None = None  # samples written to this shard's tar (None in older stats: successes)
+    # img2dataset's timing fields (seconds since the epoch): the shard's rows loaded by the source
+    # (start_time) to its files written (end_time); shards overlap, as img2dataset's do across processes.
+    start_time: float | None = None
+    end_time: float | None = None
+    duration: float | None = None
 
 
 class ShardEntry(BaseModel):
@@ -75,7 +85,11 @@ class Manifest(BaseModel):
     output: str
     total_rows: int  # rows in == rows out: every input row is in some shard Parquet
     total_samples: int  # ``ok`` rows: use as open_clip's --train-num-samples
-    shard_pattern: str  # brace pattern for the tars, e.g. out/{00000..00041}.tar
+    # open_clip's --train-data: the tars' brace pattern (out/{00000..00041}.tar), as a webdataset
+    # ``pipe:aws s3 cp ... -`` for s3:// outputs (webdataset has no s3 handler)
+    shard_pattern: str
+    shard_urls: str = ""  # the same brace pattern as plain URLs (s3://..., gs://..., local paths)
+    tar_count: int = 0  # tars listed in sizes.json (with write.reshard: the balanced ones)
     shards: list[ShardEntry]
     status_counts: dict[str, int]
     rule_counts: dict[str, int] = Field(default_factory=dict)  # "status: rule" -> rows, summed over shards

@@ -88,6 +88,11 @@ REWRITE_REASON_COLUMN = "rewrite_reason"  # why a row got fewer rewrites than as
 LANGUAGE_COLUMN = "language"  # detected language code of the caption
 THUMBNAIL_COLUMN = "thumbnail"
 
+# Written by the sink into the Parquet: the tar (relative to the output) holding the row's sample (null:
+# none), and, with write.img2dataset_compat (where ``status`` holds img2dataset's values), our status.
+TAR_COLUMN = "tar"
+OWN_STATUS_COLUMN = "clipcurate_status"
+
 # Columns nulled when a row is rejected (they are the expensive ones to carry around).
 HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
 # Columns that never go in a sample's ``.json`` inside the tar.

@@ -218,6 +218,11 @@ class Declared:
         """Names and tags of models (and prompts) this stage uses, for the manifest."""
         return {}
 
+    def packages(self) -> list[tuple[str, str, str]]:
+        """Python packages this configured entry needs beyond the project's dependencies: (import name,
+        the config key that asks for it, how to install it). ``clipcurate run`` checks them first."""
+        return []
+
     def teardown(self) -> None:
         """Release what ``setup`` opened (sessions, pools). Called once when the worker ends."""
 

@@ -14,6 +14,10 @@ run without Ray; the executor finds them by role, never by name.
 
     snk = Write(WriteConfig(...))
     stats = snk.write_shard(shard, rows, ctx)   # worker: one whole shard -> files; its stats dict
+    # after every shard is complete (also when a rerun finds them all complete):
+    units = snk.finish_plan(ctx, all_stats)     # driver: work that needs every shard (JSON-able units)
+    done = [snk.finish_unit(u, ctx) for u in units]   # workers: one unit each, atomic, any order
+    sizes = snk.finish(ctx, all_stats, done)    # driver: commit; {tar file name: samples}
 
 Runtime parameters of the sink (where the output is, how shards are named, how many rows each
 must have) travel in a ``SinkContext``, not in YAML-settable config fields.
@@ -82,6 +86,7 @@ class SinkContext:
     output: str  # the output folder (any fsspec URL)
     name_digits: int = 5  # digits of shard file names
     expected_rows: dict[int, int] = field(default_factory=dict)  # shard -> rows it must have (-1: unknown)
+    started: dict[int, float] = field(default_factory=dict)  # shard -> time.time() its rows were loaded
 
 
 class Sink(_Role):
@@ -100,6 +105,21 @@ class Sink(_Role):
             rows = batch.filter(pc.equal(batch.column(SHARD_COL), shard))
             stats.append(self.write_shard(int(shard), rows, ctx))
         return stats
+
+    def finish_plan(self, ctx: SinkContext, stats: list[dict]) -> list[dict]:
+        """Driver, once every shard is complete (``stats``: every shard's stats dict, in shard
+        order): the units of work that need all shards (a re-layout), each small and JSON-able.
+        Must be idempotent: a rerun of a finished run calls it again. Default: none."""
+        return []
+
+    def finish_unit(self, unit: dict, ctx: SinkContext) -> dict:
+        """Worker: do one unit of ``finish_plan`` (write its files atomically); its result."""
+        raise NotImplementedError
+
+    def finish(self, ctx: SinkContext, stats: list[dict], results: list[dict]) -> dict[str, int]:
+        """Driver, after every unit is done: commit the run's outputs. Returns the tars a trainer
+        reads, file name (relative to the output) -> samples, in order. Default: none."""
+        return {}
 
 
 def role_of(obj_or_cls) -> str:

@@ -7,18 +7,26 @@
 * The Parquet holds every row of the shard (every status, with its reason and rule), without image
   bytes; a bounded sample of rejected rows keeps a small ``thumbnail`` (``rejected_thumbnails``).
   Embeddings, when a stage produced them, are kept here (not in the json).
+  Its ``tar`` column names the tar (relative to the output) that holds each sample (null: none).
 * ``_stats.json`` counts rows per status, per reason (numbers as ``#``), per rule and per stage
-  (``schemas.manifest.ShardStats``).
+  (``schemas.manifest.ShardStats``), with img2dataset's ``start_time``/``end_time``/``duration``.
 
 Each file is written atomically; ``_stats.json`` is written last and marks the shard complete.
+At the end of the run (``finish_plan``/``finish_unit``/``finish``, see ``stages/reshard.py``):
+``sizes.json``, and with ``reshard`` the balanced tars that replace the per-shard ones.
+With ``img2dataset_compat`` the Parquet and the tar ``.json`` use img2dataset's ``status`` values
+(``success``, ``failed_to_download``, ``failed_to_resize``) and ``error_message``; our status stays
+in ``clipcurate_status``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import posixpath
 import re
 import tarfile
+import time
 from collections import Counter
 from typing import Literal
 
@@ -29,11 +37,13 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
-from schemas.manifest import ShardStats, shard_files, shard_name
+from schemas.manifest import TAR_SUFFIX, ShardStats, shard_files, shard_name
 from schemas.members import add_member, image_ext
-from schemas.row import SHARD_COL
+from schemas.row import OWN_STATUS_COLUMN, SHARD_COL
+from stages import reshard
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
+from stages.reshard import STAGED_DIR, TAR_COL
 from stages.roles import Sink, SinkContext
 from stages.thumbnails import PER_RULE, THUMBNAIL_PX, keep_per_status
 
@@ -48,6 +58,22 @@ _SIZE = re.compile(r"#x\d+\b")
 def reason_template(reason: str | None) -> str:
     """``reason`` with its per-row numbers as ``#`` (``clip_score # < min_score #``), for ``reason_dict``."""
     return _SIZE.sub("#x#", _NUMBER.sub("#", reason or ""))
+
+
+# img2dataset's status of each of ours (the others keep their name) and the columns of img2dataset_compat
+I2D_STATUS = {OK: "success", Status.HASH_MISMATCH.value: "failed_to_download"}
+I2D_STATUS |= {s.value: "failed_to_download" for s in DOWNLOAD_FAILURES}
+I2D_STATUS |= {s.value: "failed_to_resize" for s in RESIZE_FAILURES}
+OWN_STATUS_COL, ERROR_COL = OWN_STATUS_COLUMN, "error_message"
+
+
+class ReshardConfig(RoleConfig):
+    samples_per_shard: int = Field(
+        ..., ge=1, description="Most samples per balanced tar (the tars hold the run's `ok` samples)."
+    )
+    min_shards: int = Field(
+        1, ge=1, description="At least this many tars (open_clip's `--workers` x GPUs), while samples last."
+    )
 
 
 class WriteConfig(RoleConfig):
@@ -67,6 +93,18 @@ class WriteConfig(RoleConfig):
         f"report; stages keep at most {PER_RULE} per status and rule per shard, only of rows that had "
         "image bytes. 0: none.",
     )
+    reshard: ReshardConfig | None = Field(
+        None,
+        description="Rewrite the `ok` samples into balanced tars once every shard is written: "
+        "`{samples_per_shard: N, min_shards: K}`; sizes differ by at most one sample. The tars are then "
+        "numbered apart from the Parquet files (the Parquet's `tar` column names each sample's tar).",
+    )
+    img2dataset_compat: bool = Field(
+        False,
+        description="Parquet and tar `.json` as img2dataset's: `status` is `success`, `failed_to_download`, "
+        "`failed_to_resize` (other statuses keep their name), `error_message` holds the reason; our status "
+        "is kept in `clipcurate_status`.",
+    )
 
 
 class Write(Sink):
@@ -74,6 +112,7 @@ class Write(Sink):
     Config = WriteConfig
 
     def write_shard(self, shard: int, rows: pa.Table, ctx: SinkContext) -> dict:
+        start = ctx.started.get(shard) or time.time()
         expected = ctx.expected_rows.get(shard)
         if expected is not None and expected >= 0 and rows.num_rows != expected:
             raise RuntimeError(
@@ -82,18 +121,40 @@ class Write(Sink):
             )
         fs, root = fsspec.core.url_to_fs(ctx.output)
         name = shard_name(shard, ctx.name_digits)
-        tar_path, pq_path, stats_path = (f"{root.rstrip('/')}/{f}" for f in shard_files(name))
+        tar_file, pq_file, stats_file = shard_files(name)
+        if self.config.reshard is not None:  # staged until finish() writes the balanced tars
+            tar_file = f"{STAGED_DIR}/{tar_file}"
+        tar_path, pq_path, stats_path = (f"{root.rstrip('/')}/{f}" for f in (tar_file, pq_file, stats_file))
         rows = keep_per_status(rows.drop_columns([SHARD_COL]), self.config.rejected_thumbnails)
-        tar_bytes = self._tar(rows)
+        shown = self._compat(rows) if self.config.img2dataset_compat else rows
+        tar_bytes, in_tar = self._tar(rows, shown)
         atomic_write_bytes(fs, tar_path, tar_bytes)
-        pq_bytes = self._parquet(rows)
+        pq_bytes = self._parquet(shown, pa.array([tar_file if t else None for t in in_tar], pa.string()))
         atomic_write_bytes(fs, pq_path, pq_bytes)
         stats = self._stats(name, rows, len(tar_bytes), len(pq_bytes))
+        end = time.time()
+        stats.update(tar_samples=sum(in_tar), start_time=start, end_time=end, duration=round(end - start, 3))
         atomic_write_bytes(fs, stats_path, json.dumps(stats, indent=1).encode())
         return stats
 
-    def _tar(self, rows: pa.Table) -> bytes:
-        ok = rows.filter(pc.equal(rows.column("status"), OK))
+    @staticmethod
+    def _compat(rows: pa.Table) -> pa.Table:
+        """img2dataset's ``status`` and ``error_message``; ours in ``clipcurate_status``."""
+        ours = rows.column("status")
+        theirs = pa.array([I2D_STATUS.get(s, s) for s in ours.to_pylist()], pa.string())
+        error = pc.if_else(pc.equal(ours, OK), pa.scalar(None, pa.string()), rows.column("reason"))
+        i = rows.column_names.index("status")
+        rows = rows.set_column(i, "status", theirs)
+        rows = rows.add_column(i + 1, OWN_STATUS_COL, ours)
+        return rows.append_column(ERROR_COL, error.cast(pa.string()))
+
+    def _tar(self, rows: pa.Table, shown: pa.Table) -> tuple[bytes, list[bool]]:
+        """The tar of the ``ok`` rows of ``rows`` (metadata as in ``shown``), and per row whether it
+        went into the tar."""
+        is_ok = pc.equal(rows.column("status"), OK)
+        ok = shown.filter(is_ok)
+        in_tar = [False] * rows.num_rows
+        positions = [i for i, v in enumerate(is_ok.to_pylist()) if v]
         meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS]
         meta = json_ready(ok.select(meta_cols)).to_pylist()
         images = ok.column("image").to_pylist()
@@ -107,6 +168,7 @@ class Write(Sink):
                 img = images[i]
                 if img is None:  # an ok row always has bytes after download; re-read rows too
                     continue
+                in_tar[positions[i]] = True
                 add_member(tar, f"{key}.{image_ext(img)}", img)
                 text = m.get("caption") or ""
                 rw = (rewrites[i] or []) if rewrites is not None else []
@@ -117,10 +179,13 @@ class Write(Sink):
                     for j, r in enumerate(rw):
                         add_member(tar, f"{key}.rewrite{j}.txt", r.encode("utf-8"))
                 add_member(tar, f"{key}.json", json.dumps(m, ensure_ascii=False, default=str).encode("utf-8"))
-        return buf.getvalue()
+        return buf.getvalue(), in_tar
 
-    def _parquet(self, rows: pa.Table) -> bytes:
+    def _parquet(self, rows: pa.Table, tar: pa.Array) -> bytes:
         table = rows.drop_columns(["image"])
+        if TAR_COL in table.column_names:  # a re-read output of ours: its old tar is not this run's
+            table = table.drop_columns([TAR_COL])
+        table = table.append_column(TAR_COL, tar)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression=self.config.parquet_compression)
         return sink.getvalue().to_pybytes()
@@ -157,6 +222,40 @@ class Write(Sink):
             parquet_bytes=pq_bytes,
         )
         return stats.model_dump()
+
+    # ---- the end of the run: sizes.json, balanced tars (stages/reshard.py) ----------------------
+    def finish_plan(self, ctx: SinkContext, stats: list[dict]) -> list[dict]:
+        r = self.config.reshard
+        if r is None:
+            return []
+        fs, root = reshard.url_to_fs(ctx.output)
+        p = reshard.plan(root, stats, r.samples_per_shard, r.min_shards, ctx.name_digits)
+        done = reshard.read_record(fs, root)
+        if done is not None and done == {"layout": p["layout"], "sources": p["sources"]}:
+            return []
+        return p["units"]
+
+    def finish_unit(self, unit: dict, ctx: SinkContext) -> dict:
+        fs, _ = reshard.url_to_fs(ctx.output)
+        if unit["kind"] == "tar":
+            return {"tar": unit["out"], "samples": reshard.write_balanced_tar(fs, unit)}
+        n = reshard.point_parquet(fs, unit, self.config.parquet_compression)
+        return {"parquet": unit["path"], "samples": n}
+
+    def finish(self, ctx: SinkContext, stats: list[dict], results: list[dict]) -> dict[str, int]:
+        fs, root = reshard.url_to_fs(ctx.output)
+        r = self.config.reshard
+        if r is None:
+            sizes = {f"{st['shard']}{TAR_SUFFIX}": reshard.tar_samples(st) for st in stats}
+        else:
+            p = reshard.plan(root, stats, r.samples_per_shard, r.min_shards, ctx.name_digits)
+            sizes = {posixpath.basename(k): v for k, v in p["layout"].items()}
+            written = {posixpath.basename(x["tar"]): x["samples"] for x in results if "tar" in x}
+            if any(written.get(k, v) != v for k, v in sizes.items()):
+                raise RuntimeError(f"reshard: balanced tars {written} differ from the plan {sizes}")
+            reshard.commit(fs, root, p["layout"], p["sources"])
+        reshard.write_sizes(fs, root, sizes)
+        return sizes
 
 
 def _floats_as(t: pa.DataType, to: pa.DataType) -> pa.DataType:

@@ -60,6 +60,38 @@ def tar_samples(fs, tar_paths) -> tuple[dict[str, bytes], dict[str, str]]:
     return images, captions
 
 
+def _jpeg(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def sink_rows(shard: int, n: int, keep):
+    """``n`` rows of input shard ``shard`` as they reach the sink (with ``SHARD_COL``); row ``i`` is
+    ``ok`` (with a small JPEG) when ``keep(i)``, else ``download_failed``."""
+    import pyarrow as pa
+
+    from schemas.row import SHARD_COL
+
+    ok = [bool(keep(i)) for i in range(n)]
+    return pa.table(
+        {
+            "key": [f"{shard:05d}{i:03d}" for i in range(n)],
+            "url": [f"http://127.0.0.1/{shard}/{i}.jpg" for i in range(n)],
+            "caption": [f"caption {shard} {i}" for i in range(n)],
+            "image": pa.array([_jpeg(i) if k else None for i, k in enumerate(ok)], pa.binary()),
+            "status": ["ok" if k else "download_failed" for k in ok],
+            "reason": pa.array([None if k else "HTTP 404" for k in ok], pa.string()),
+            "rejected_by": pa.array([None if k else "download" for k in ok], pa.string()),
+            SHARD_COL: [shard] * n,
+        }
+    )
+
+
 def run_download(urls, extra_cols=None, **cfg):
     """The download stage on ``urls`` (keys 0000, 0001, ...), without Ray; checks rows in == rows out,
     in order, and returns its output table."""

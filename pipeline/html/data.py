@@ -22,15 +22,17 @@ from pipeline import registry
 from pipeline.config import ReportConfig, label_key
 from pipeline.runs import RunDir
 from schemas import OK
-from schemas.manifest import PARQUET_SUFFIX, shard_files, shard_of
+from schemas.manifest import PARQUET_SUFFIX, TAR_SUFFIX, shard_files, shard_of
 from schemas.members import is_image_member, split_member
 from schemas.row import (
     IMAGE_COLUMN,
     LANGUAGE_COLUMN,
+    OWN_STATUS_COLUMN,
     REWRITE_REASON_COLUMN,
     REWRITES_COLUMN,
     SCORE_COLUMNS,
     SHARD_COL,
+    TAR_COLUMN,
     THUMBNAIL_COLUMN,
     field_type,
 )
@@ -130,7 +132,12 @@ def load_rows(rd: RunDir, columns: list[str]) -> pl.DataFrame:
             continue
         with rd.fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
-            table = pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])
+            names = pf.schema_arrow.names
+            own = OWN_STATUS_COLUMN in names  # write.img2dataset_compat: `status` holds img2dataset's values
+            want = [OWN_STATUS_COLUMN if own and c == "status" else c for c in [*columns, TAR_COLUMN]]
+            table = pf.read(columns=[c for c in dict.fromkeys(want) if c in names])
+            if own:
+                table = table.rename_columns(["status" if c == OWN_STATUS_COLUMN else c for c in table.column_names])
         frames.append(pl.from_arrow(table).with_columns(pl.lit(base[: -len(".parquet")]).alias(SHARD_COL)))
     if not frames:
         base = ("key", "status", "reason", "rejected_by", SHARD_COL)
@@ -148,10 +155,11 @@ def stage_status(df: pl.DataFrame) -> dict[str, dict[str, int]]:
 
 
 def read_images(rd: RunDir, wanted: dict[str, list[str]]) -> dict[str, bytes]:
-    """Image bytes of ``wanted`` keys (shard name -> keys), read from the shard tars."""
+    """Image bytes of ``wanted`` keys (tar -> keys; a tar is a path relative to the output, or a shard
+    name for its own tar), read from the tars."""
     out: dict[str, bytes] = {}
     for shard, keys in wanted.items():
-        path = rd.path(shard_files(shard)[0])
+        path = rd.path(shard if shard.endswith(TAR_SUFFIX) else shard_files(shard)[0])
         if not rd.exists(path):
             continue
         want = set(keys)

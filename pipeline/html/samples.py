@@ -15,7 +15,7 @@ from pipeline.html.data import label_name, read_images
 from pipeline.html.markup import e, img, note, section, table, thumb
 from pipeline.runs import RunDir
 from schemas import OK
-from schemas.row import REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL, THUMBNAIL_COLUMN
+from schemas.row import REWRITES_COLUMN, SCORE_COLUMNS, SHARD_COL, TAR_COLUMN, THUMBNAIL_COLUMN
 
 SAMPLES_PER_GROUP = 12  # kept samples shown
 REJECTED_PER_RULE = 4  # rejected samples shown per (status, rule)
@@ -105,8 +105,9 @@ def card(row: dict, image_uri: str | None, rc: ReportConfig) -> str:
 def samples(rd: RunDir, df: pl.DataFrame, rc: ReportConfig) -> str:
     kept = pick_kept(df)
     wanted: dict[str, list[str]] = {}
-    for shard, key in kept.select(SHARD_COL, "key").iter_rows():
-        wanted.setdefault(shard, []).append(key)
+    tars = kept[TAR_COLUMN] if TAR_COLUMN in kept.columns else [None] * kept.height  # None: the shard's own
+    for shard, tar, key in zip(kept[SHARD_COL], tars, kept["key"]):
+        wanted.setdefault(tar or shard, []).append(key)
     images = read_images(rd, wanted)
     cards = []
     for row in kept.to_dicts():

@@ -38,7 +38,7 @@ from pipeline.config import Pipeline
 from pipeline.ray import hooks, resources
 from pipeline.ray.fitting import GlobalFits
 from pipeline.ray.session import GLUE_TASK_CPUS, configure_data_context, glue_concurrency, init_ray
-from pipeline.ray.sinks import ShardSink
+from pipeline.ray.sinks import ShardSink, finish
 from pipeline.ray.workers import Counter, actor_class, source_fn, spill_load_fn, task_fn
 from pipeline.runs import InputPlan, RunDir
 from schemas.row import SHARD_COL, SHARD_SPEC_SCHEMA
@@ -217,12 +217,15 @@ class Executor:
         finally:
             stop.set()
             poller.join(timeout=5)
+        stats = self.rd.shard_stats()
+        tars = finish(sink, self.targets[-1], self.cfg_json[-1], ctx, stats, self.rc.max_task_retries)
         progress = ray.get(self._counter.snapshot.remote())
         middle = self.stages[1:-1]
         data = manifest_mod.build(
             pipe=self.pipe,
             url=self.rd.url,
-            stats=self.rd.shard_stats(),
+            stats=stats,
+            tars=tars,
             stage_names=[s.name for s in middle],
             progress=progress,
             fit_seconds=self.fits.seconds,

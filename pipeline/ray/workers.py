@@ -72,6 +72,14 @@ class Counter:
         self.processed: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.status: dict[str, dict[str, int]] = {}
+        self.started: dict[int, float] = {}  # shard -> time.time() the source first loaded it
+
+    def mark_started(self, shards: list[int], t: float) -> None:
+        for s in shards:
+            self.started.setdefault(s, t)
+
+    def started_at(self, shards: list[int]) -> dict[int, float]:
+        return {s: self.started[s] for s in shards if s in self.started}
 
     def report(
         self, stage: str, rows: int, seconds: float, rejected: dict[str, int], processed: int | None = None
@@ -168,9 +176,11 @@ def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counte
 def source_fn(name: str, target: str, cfg_json: str, counter):
     def fn(specs: pa.Table) -> pa.Table:
         src = build(target, cfg_json)
+        h = counter_handle(counter)
+        if h is not None:
+            h.mark_started.remote(specs.column("shard").to_pylist(), time.time())
         t0 = time.perf_counter()
         out = src.load_specs(specs)
-        h = counter_handle(counter)
         if h is not None:
             h.report.remote(name, out.num_rows, time.perf_counter() - t0, {})
         return out

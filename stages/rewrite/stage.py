@@ -45,6 +45,9 @@ class Rewrite(Stage):
         """The ``ray.data.llm`` processor of the ``openai`` and ``vllm`` engines; None for ``transformers``."""
         return self.engine.hook()
 
+    def packages(self) -> list[tuple[str, str, str]]:
+        return self.engine.packages()
+
     def model_info(self) -> dict[str, Any]:
         c = self.config
         return {

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -643,3 +644,29 @@ def test_ray_data_llm_end_to_end_with_the_http_processor(ray_session, world_tabl
         assert reason is None or "429" not in reason
     for p, rws in zip(pairs, rewrites):
         assert all(keeps_concept(r, p.colour, p.shape) for r in rws)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_engine_without_vllm_fails_the_run_in_one_line(tmp_path, capsys):
+    """`clipcurate run` with the vllm engine and no vLLM: exit 2 before Ray starts and before anything is
+    written, one line naming the stage, the key and the package; `validate` still passes (a GPU
+    workflow can be checked on a laptop)."""
+    from pipeline import cli
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\nhttp://127.0.0.1/a.jpg,a red circle\n")
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(
+        "name: gpu\nstages:\n"
+        f"  - read: {{path: {urls}}}\n"
+        "  - rewrite: {engine: {type: vllm, model: some/model}}\n"
+        "  - write: {}\n"
+    )
+    out = tmp_path / "out"
+    assert cli.main(["validate", str(wf)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", str(wf), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"error: {wf}: stages[1] (rewrite): key 'engine.type': needs the Python package 'vllm'")
+    assert "pip install vllm==" in err and not out.exists()

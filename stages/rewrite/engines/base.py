@@ -29,6 +29,10 @@ class Engine:
         """New attempts for a rejected rewrite inside the stage."""
         return getattr(self.engine, "max_retries", 0)
 
+    def packages(self) -> list[tuple[str, str, str]]:
+        """(import name, config key, install hint) of the optional packages this engine needs."""
+        return []
+
     def num_gpus(self) -> float:
         """GPUs each worker of this engine holds."""
         return self.config.num_gpus

@@ -12,6 +12,9 @@ from stages.rewrite.engines.base import Engine, Generation
 from stages.rewrite.prompt import STOP, Prompts
 from stages.rewrite.raypath import RayPath
 
+# No vLLM release pins torch 2.14.1 (ours): vllm 0.33.0 pins torch 2.14.0 (README, "vLLM").
+VLLM_INSTALL = "on the GPU nodes: pip install vllm==0.33.0; see README, 'vLLM'"
+
 
 def vllm_request(config, prompts: Prompts, caption: str, examples: list[int], seed: int) -> dict[str, Any]:
     """The fields of one vLLM request row: ``sampling_params`` and ``prompt`` (or chat ``messages``)."""
@@ -39,6 +42,9 @@ class VLLMEngine(Engine):
         "engine 'vllm' runs through ray.data.llm under Ray (Rewrite.dataset_hook()); without Ray use "
         "engine 'transformers', or engine 'openai' against `vllm serve`"
     )
+
+    def packages(self) -> list[tuple[str, str, str]]:
+        return [("vllm", "engine.type", VLLM_INSTALL)]
 
     def engine_kwargs(self) -> dict[str, Any]:
         kw = dict(self.engine.engine_kwargs)
