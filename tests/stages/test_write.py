@@ -145,7 +145,7 @@ def test_the_report_reads_compat_statuses_and_finds_images_in_balanced_tars(tmp_
     img2dataset_compat, and kept samples' images from the tar the Parquet names after reshard."""
     from pipeline.config import ReportConfig
     from pipeline.html.data import load_rows
-    from pipeline.html.samples import pick_samples, samples
+    from pipeline.html.samples import pick_kept, samples
     from pipeline.runs import RunDir
 
     compat = tmp_path / "compat"
@@ -157,7 +157,7 @@ def test_the_report_reads_compat_statuses_and_finds_images_in_balanced_tars(tmp_
     shards = [sink_rows(s, n, keep) for s, n, keep in UNEVEN]
     run_sink(Write(WriteConfig(reshard={"samples_per_shard": 25})), balanced, shards)
     df = load_rows(RunDir(str(balanced)), ["key", "status", "reason", "rejected_by", "caption"])
-    kept, _ = pick_samples(df)
+    kept = pick_kept(df)
     assert kept.height > 0 and set(kept["tar"]) <= {p.name for p in balanced.glob("*.tar")}
     page = samples(RunDir(str(balanced)), df, ReportConfig())
     assert page.count("data:image/jpeg") >= kept.height, "every kept sample is shown with its image"
