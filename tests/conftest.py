@@ -224,3 +224,27 @@ def demo_run(demo_cli_run):
     """The demo workflow's output, run once (``demo_cli_run``): (output dir, manifest)."""
     out, manifest, _, _ = demo_cli_run
     return out, manifest
+
+
+def open_clip_train(train_data: str, logs, name: str, *extra: str, workers: int = 0) -> list[float]:
+    """A few steps of open_clip's own trainer (``open_clip_train.main``) with the toy CLIP on the CPU,
+    on ``train_data`` (a webdataset pattern); asserts it exits 0 and returns its finite losses."""
+    import math
+    import re
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "open_clip_train.main",
+        "--model", "local-dir:demo/assets/toy_clip",
+        "--train-data", train_data, *extra, "--dataset-type", "webdataset",
+        "--batch-size", "16", "--epochs", "1", "--workers", str(workers), "--lr", "1e-4", "--warmup", "1",
+        "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
+        "--logs", str(logs), "--name", name, "--save-frequency", "0", "--seed", "0",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    text = r.stdout + r.stderr
+    assert r.returncode == 0, text[-3000:]
+    losses = [float(v) for v in re.findall(r"_loss: ([-+0-9.eEnaif]+) \(", text, flags=re.IGNORECASE)]
+    assert losses, text[-3000:]
+    assert all(math.isfinite(x) for x in losses), f"finite losses: {losses}"
+    return losses

@@ -6,18 +6,15 @@ README's Parquet-reading snippets run on a real output."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
 import webdataset as wds
 
-from tests.conftest import REPO, moto_s3
+from tests.conftest import REPO, moto_s3, open_clip_train
 
 
 def wds_sizes(out: Path) -> dict[str, int]:
@@ -111,20 +108,7 @@ def test_reshard_balances_the_tars_and_open_clip_trains_with_a_worker_per_tar(
 
     # open_clip's trainer, one dataloader worker per tar; no --train-num-samples: it reads sizes.json
     # (without it, open_clip refuses a webdataset with no sample count)
-    logs = tmp_path / "logs"
-    cmd = [
-        sys.executable, "-m", "open_clip_train.main",
-        "--model", "local-dir:demo/assets/toy_clip",
-        "--train-data", m["shard_pattern"], "--dataset-type", "webdataset",
-        "--batch-size", "16", "--epochs", "1", "--workers", str(len(sizes)), "--lr", "1e-4", "--warmup", "1",
-        "--precision", "fp32", "--device", "cpu", "--log-every-n-steps", "1",
-        "--logs", str(logs), "--name", "balanced", "--save-frequency", "0", "--seed", "0",
-    ]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    text = r.stdout + r.stderr
-    assert r.returncode == 0, text[-3000:]
-    losses = [float(v) for v in re.findall(r"_loss: ([-+0-9.eEnaif]+) \(", text, flags=re.IGNORECASE)]
-    assert losses and all(math.isfinite(x) for x in losses), text[-3000:]
+    open_clip_train(m["shard_pattern"], tmp_path / "logs", "balanced", workers=len(sizes))
 
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the aws CLI (the pipe: command) is not installed")
