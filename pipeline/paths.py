@@ -14,7 +14,7 @@ Values left untouched: absolute paths, URLs and fsspec paths (anything with ``:/
 ``s3://`` or ``file://``), ``hf-hub:`` model ids. ``local-dir:PATH`` resolves ``PATH`` and keeps the
 prefix. Keys marked ``prefixed`` (a model name or ``local-dir:PATH``) resolve ``local-dir:`` values
 only. ``~`` is expanded. A glob (``*``, ``?``, ``[``) counts as existing where it matches a file.
-Lists of values are resolved item by item.
+Lists of values are resolved item by item, and so are lists of nested models.
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def resolve_config_paths(models: list[type[BaseModel]], body: dict, base_dirs: l
         nested = [m for f in fields for m in _models_of(f.annotation)]
         if nested and isinstance(value, dict):
             out[key] = resolve_config_paths(nested, value, base_dirs)
+        elif nested and isinstance(value, list):  # a list of nested models: each item walked
+            out[key] = [resolve_config_paths(nested, v, base_dirs) if isinstance(v, dict) else v for v in value]
     return out
 
 

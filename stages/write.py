@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
+from schemas.row import is_heavy
 from schemas.manifest import ShardStats, shard_files, shard_name
 from schemas.members import add_member, image_ext
 from schemas.row import SHARD_COL
@@ -73,7 +74,7 @@ class Write(Sink):
 
     def _tar(self, rows: pa.Table) -> bytes:
         ok = rows.filter(pc.equal(rows.column("status"), OK))
-        meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS]
+        meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS and not is_heavy(c)]
         meta = ok.select(meta_cols).to_pylist()
         images = ok.column("image").to_pylist()
         rewrites = (
