@@ -7,7 +7,7 @@
    pipeline will (img2dataset's resizer to 64 px ``border``, JPEG, open_clip's preprocess).
 2. Embed them with the committed toy CLIP (``demo/assets/toy_clip``, raw ``encode_image``).
    The toy CLIP was trained on clean shapes, so only strong degradations show in its 64-d embedding.
-3. Train a 64 -> 32 -> 1 MLP (ReLU, sigmoid output) on the L2-normalised embeddings with binary
+3. Train a 64 -> 128 -> 1 MLP (ReLU, sigmoid output) on the L2-normalised embeddings with binary
    cross-entropy, full batch, seeded and deterministic, on CPU.
 4. Save it in the ``clip_score`` heads format (``quality.safetensors``: ``layers.0.weight`` ...), pick the
    threshold on the validation world (the lowest that keeps 98% of its clean images), and report it with the demo world's numbers in ``quality.json``.
@@ -36,9 +36,16 @@ from stages.clip_score.heads import Head, save_head
 HEAD_DIR = Path(__file__).resolve().parent / "assets" / "quality_head"
 HEAD_NAME = "quality.safetensors"
 INFO_NAME = "quality.json"
-TRAIN_WORLD = {"n": 4000, "seed": 4321, "mismatch_rate": 0.15, "n_broken": 0, "zipf_s": 0.5, "degrade_rate": 0.4}
+TRAIN_WORLD = {
+    "n": 4000,
+    "seed": 4321,
+    "mismatch_rate": 0.15,
+    "n_broken": 0,
+    "zipf_s": 1.1,
+    "degrade_rate": 0.4,
+}
 VALID_WORLD = {**TRAIN_WORLD, "n": 800, "seed": 4322}
-HIDDEN = 32
+HIDDEN = 128
 SEED = 4321
 CLEAN_KEPT = 0.98  # share of clean validation images the threshold keeps
 
@@ -53,7 +60,7 @@ def embed(world: dict):
     return emb.float(), torch.tensor([p.is_degraded for p in pairs])
 
 
-def train(emb: torch.Tensor, y: torch.Tensor, steps: int = 1500, lr: float = 1e-2):
+def train(emb: torch.Tensor, y: torch.Tensor, steps: int = 3000, lr: float = 3e-3):
     """The MLP's layers [(weight, bias), ...], trained on normalised embeddings."""
     torch.manual_seed(SEED)
     l1, l2 = torch.nn.Linear(emb.shape[1], HIDDEN), torch.nn.Linear(HIDDEN, 1)
@@ -95,7 +102,9 @@ def rates(head: Head, emb: torch.Tensor, y: torch.Tensor, t: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m demo.train_head", description="Train the demo's toy quality head.")
+    ap = argparse.ArgumentParser(
+        prog="python -m demo.train_head", description="Train the demo's toy quality head."
+    )
     ap.add_argument("--out", type=Path, default=HEAD_DIR)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)

@@ -26,10 +26,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
-from schemas.row import is_heavy
 from schemas.manifest import ShardStats, shard_files, shard_name
 from schemas.members import add_member, image_ext
-from schemas.row import SHARD_COL
+from schemas.row import SHARD_COL, is_heavy
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
 from stages.roles import Sink, SinkContext

@@ -30,10 +30,15 @@ class ModelSpec(BaseModel):
         None, description="A custom open_clip model config (JSON); `pretrained` is then the checkpoint path."
     )
     embeddings: bool = Field(
-        False, description="Also output `<column>_image_embedding` / `<column>_text_embedding` (float16, normalised)."
+        False,
+        description="Also output `<column>_image_embedding` / `<column>_text_embedding` (float16, normalised).",
     )
-    flipped: bool = Field(False, description="Also output `<column>_flipped`: the score of the horizontally flipped image.")
-    min_score: float | None = Field(None, description="Reject rows whose score is below this (`filtered_clip`).")
+    flipped: bool = Field(
+        False, description="Also output `<column>_flipped`: the score of the horizontally flipped image."
+    )
+    min_score: float | None = Field(
+        None, description="Reject rows whose score is below this (`filtered_clip`)."
+    )
 
     @model_validator(mode="after")
     def _check(self):
@@ -55,10 +60,12 @@ class HeadSpec(BaseModel):
         "tensors `layers.N.weight` [out, in] and `layers.N.bias` [out], applied in increasing N."
     )
     model: str | None = Field(
-        None, description="Score column of the model whose image embedding it reads (default: the only model)."
+        None,
+        description="Score column of the model whose image embedding it reads (default: the only model).",
     )
     normalize: bool = Field(
-        True, description="Feed the L2-normalised image embedding (true, as LAION's heads expect) or the raw one."
+        True,
+        description="Feed the L2-normalised image embedding (true, as LAION's heads expect) or the raw one.",
     )
     activation: Literal["relu", "none"] = Field(
         "relu", description="Between layers: `relu`, or `none` (LAION's aesthetic MLP has no activations)."
@@ -80,7 +87,9 @@ class ClipScoreConfig(ComputeConfig):
         "Give this or `models`.",
         prefixed=True,
     )
-    pretrained: str | None = path_field(None, description="Pretrained tag (`datacomp_xl_s13b_b90k`) or checkpoint path.")
+    pretrained: str | None = path_field(
+        None, description="Pretrained tag (`datacomp_xl_s13b_b90k`) or checkpoint path."
+    )
     model_config_path: str | None = path_field(
         None, description="A custom open_clip model config (JSON); `pretrained` is then the checkpoint path."
     )
@@ -90,22 +99,30 @@ class ClipScoreConfig(ComputeConfig):
         "(keys below). Give this or `model`.",
     )
     heads: list[HeadSpec] = Field(
-        default_factory=list, description="Heads on a model's image embedding, each writing a column (keys below)."
+        default_factory=list,
+        description="Heads on a model's image embedding, each writing a column (keys below).",
     )
     batch_size: int = Field(
-        2048, ge=1, description="Rows per `process` call; the rows are scored in forward batches of `forward_batch_size`, "
-        "the next one decoded while the model runs the current one."
+        2048,
+        ge=1,
+        description="Rows per `process` call; the rows are scored in forward batches of `forward_batch_size`, "
+        "the next one decoded while the model runs the current one.",
     )
     forward_batch_size: int = Field(256, ge=1, description="Images per model forward pass.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the worker has a GPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when the worker has a GPU."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on GPU, fp32 on CPU."
     )
     decode: Literal["pil", "tensor"] = Field(
-        "pil", description="pil: the model's own transform on CPU threads; tensor: torchvision JPEG decode on the model's device."
+        "pil",
+        description="pil: the model's own transform on CPU threads; tensor: torchvision JPEG decode on the model's device.",
     )
     decode_threads: int = Field(4, description="CPU threads decoding/preprocessing ahead of the model.")
-    min_score: float | None = Field(None, description="Reject rows whose score is below this (`filtered_clip`).")
+    min_score: float | None = Field(
+        None, description="Reject rows whose score is below this (`filtered_clip`)."
+    )
     embeddings: bool = Field(False, description="Also output `image_embedding` / `text_embedding` (float16).")
     flipped: bool = Field(
         False, description="Also output `clip_score_flipped`: the score of the horizontally flipped image."
@@ -132,7 +149,9 @@ class ClipScoreConfig(ComputeConfig):
             if h.model is None and len(plans) > 1:
                 raise ValueError(f"head {h.column!r}: name its 'model' (one of {', '.join(score_cols)})")
             if h.model is not None and h.model not in score_cols:
-                raise ValueError(f"head {h.column!r}: model {h.model!r} is not a model column ({', '.join(score_cols)})")
+                raise ValueError(
+                    f"head {h.column!r}: model {h.model!r} is not a model column ({', '.join(score_cols)})"
+                )
         cols = [c for p in plans for c in p.columns()] + [h.column for h in self.heads]
         dup = sorted({c for c in cols if cols.count(c) > 1})
         if dup:
@@ -171,12 +190,30 @@ def model_plans(c: ClipScoreConfig) -> list[ModelPlan]:
     """The models to run: the one-model form is one plan writing `clip_score` (and `image_embedding`...)."""
     if c.models is None:
         return [
-            ModelPlan(DEFAULT_COLUMN, c.model or "", c.pretrained, c.model_config_path, c.embeddings, c.flipped,
-                      c.min_score, "image_embedding", "text_embedding")  # fmt: skip
+            ModelPlan(
+                DEFAULT_COLUMN,
+                c.model or "",
+                c.pretrained,
+                c.model_config_path,
+                c.embeddings,
+                c.flipped,
+                c.min_score,
+                "image_embedding",
+                "text_embedding",
+            )  # fmt: skip
         ]
     return [
-        ModelPlan(m.column, m.model, m.pretrained, m.model_config_path, m.embeddings, m.flipped, m.min_score,
-                  f"{m.column}_image_embedding", f"{m.column}_text_embedding")  # fmt: skip
+        ModelPlan(
+            m.column,
+            m.model,
+            m.pretrained,
+            m.model_config_path,
+            m.embeddings,
+            m.flipped,
+            m.min_score,
+            f"{m.column}_image_embedding",
+            f"{m.column}_text_embedding",
+        )  # fmt: skip
         for m in c.models
     ]
 

@@ -67,7 +67,9 @@ class Head:
                 continue
             found.setdefault(int(m.group(1)), {})[m.group(2)] = v.float()
         if other:
-            raise ValueError(f"{source}: unexpected tensors {', '.join(sorted(other)[:5])} (expected layers.N.weight/bias)")
+            raise ValueError(
+                f"{source}: unexpected tensors {', '.join(sorted(other)[:5])} (expected layers.N.weight/bias)"
+            )
         if not found:
             raise ValueError(f"{source}: no layers.N.weight tensors")
         layers, prev = [], None
@@ -77,9 +79,13 @@ class Head:
                 raise ValueError(f"{source}: layer {n} needs both weight and bias")
             w, b = t["weight"], t["bias"]
             if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[0]:
-                raise ValueError(f"{source}: layer {n}: weight {tuple(w.shape)} / bias {tuple(b.shape)} are not [out, in] / [out]")
+                raise ValueError(
+                    f"{source}: layer {n}: weight {tuple(w.shape)} / bias {tuple(b.shape)} are not [out, in] / [out]"
+                )
             if prev is not None and w.shape[1] != prev:
-                raise ValueError(f"{source}: layer {n} takes {w.shape[1]} inputs, the previous layer gives {prev}")
+                raise ValueError(
+                    f"{source}: layer {n} takes {w.shape[1]} inputs, the previous layer gives {prev}"
+                )
             prev = w.shape[0]
             layers.append((w, b))
         if prev != 1:
@@ -109,7 +115,7 @@ class Head:
                 x = torch.relu(x)
         if self.sigmoid:
             x = torch.sigmoid(x)
-        return x[:, 0]
+        return x[:, 0].float()  # float32 also under bf16/fp16 autocast
 
 
 def save_head(path: str | Path, layers: list[tuple]) -> None:

@@ -42,7 +42,9 @@ def load_model(plan: ModelPlan, device) -> LoadedModel:
 
         open_clip.add_model_config(plan.model_config_path)
         name = Path(plan.model_config_path).stem
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=plan.pretrained, device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=plan.pretrained, device=device
+    )
     model.eval()
     return LoadedModel(plan, model, preprocess, open_clip.get_tokenizer(name), transform_key(preprocess))
 

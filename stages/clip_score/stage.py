@@ -125,7 +125,11 @@ class ClipScore(Stage):
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self._pool = ThreadPoolExecutor(max(1, c.decode_threads))
         # Single-model attributes kept for callers of the one-model form (bench/clip_gpu.py).
-        self.model, self.preprocess, self.tokenizer = self.loaded[0].model, self.loaded[0].preprocess, self.loaded[0].tokenizer
+        self.model, self.preprocess, self.tokenizer = (
+            self.loaded[0].model,
+            self.loaded[0].preprocess,
+            self.loaded[0].tokenizer,
+        )
         log.info(
             "clip_score: %s on %s, precision %s, %d preprocessing(s), %d head(s)",
             ", ".join(f"{m.plan.column}={m.plan.model} ({m.plan.pretrained})" for m in self.loaded),
@@ -243,9 +247,13 @@ class ClipScore(Stage):
             low = [(not b) and s is not None and float(s) < p.min_score for b, s in zip(bad, scores)]
             if any(low):
                 ok = [st == "ok" for st in out.column("status").to_pylist()]
-                low = [lo and o for lo, o in zip(low, ok)]  # a row rejected by an earlier model keeps its reason
+                low = [
+                    lo and o for lo, o in zip(low, ok)
+                ]  # a row rejected by an earlier model keeps its reason
                 reasons = [
-                    "" if s is None else f"clip:min_score {p.column} {float(s):.4f} < min_score {p.min_score:.4f}"
+                    ""
+                    if s is None
+                    else f"clip:min_score {p.column} {float(s):.4f} < min_score {p.min_score:.4f}"
                     for s in scores
                 ]
                 out = set_status(out, low, Status.FILTERED_CLIP, reasons)

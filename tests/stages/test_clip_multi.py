@@ -32,10 +32,15 @@ def _save_model(folder, model_cfg: dict, preprocess_cfg: dict, seed: int) -> str
     from safetensors.torch import save_file
 
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+    )
     torch.manual_seed(seed)
     model = open_clip.create_model_and_transforms(f"local-dir:{folder}")[0]
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     return f"local-dir:{folder}"
 
 
@@ -45,10 +50,29 @@ def toy_models(tmp_path_factory) -> dict[str, str]:
     toy_cfg = json.loads((REPO / "demo" / "assets" / "toy_clip" / "open_clip_config.json").read_text())
     small = {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": 48, "layers": 2, "width": 64, "head_width": 32, "mlp_ratio": 2.0, "patch_size": 8},
-        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 1, "mlp_ratio": 2.0},
+        "vision_cfg": {
+            "image_size": 48,
+            "layers": 2,
+            "width": 64,
+            "head_width": 32,
+            "mlp_ratio": 2.0,
+            "patch_size": 8,
+        },
+        "text_cfg": {
+            "context_length": 24,
+            "vocab_size": 49408,
+            "width": 32,
+            "heads": 4,
+            "layers": 1,
+            "mlp_ratio": 2.0,
+        },
     }
-    small_pre = {**toy_cfg["preprocess_cfg"], "size": 48, "mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}
+    small_pre = {
+        **toy_cfg["preprocess_cfg"],
+        "size": 48,
+        "mean": [0.48, 0.46, 0.41],
+        "std": [0.27, 0.26, 0.28],
+    }
     return {
         "toy": TOY,
         "small": _save_model(root / "small", small, small_pre, seed=1),
@@ -68,7 +92,9 @@ def pairs(demo_world) -> pa.Table:
         with Image.open(demo_world / r["path"]) as im:
             buf = io.BytesIO()
             im.convert("RGB").resize((96, 96)).save(buf, "JPEG", quality=90)
-        rows.append({"key": f"{len(rows):04d}", "caption": r["caption"], "image": buf.getvalue(), "status": "ok"})
+        rows.append(
+            {"key": f"{len(rows):04d}", "caption": r["caption"], "image": buf.getvalue(), "status": "ok"}
+        )
         if len(rows) == 24:
             break
     return pa.Table.from_pylist(rows)
@@ -81,7 +107,10 @@ def heads(tmp_path_factory) -> dict[str, str]:
     on the small model (32-d)."""
     root = tmp_path_factory.mktemp("heads")
     torch.manual_seed(3)
-    save_head(root / "mlp.safetensors", [(torch.randn(16, 64), torch.randn(16)), (torch.randn(1, 16), torch.randn(1))])
+    save_head(
+        root / "mlp.safetensors",
+        [(torch.randn(16, 64), torch.randn(16)), (torch.randn(1, 16), torch.randn(1))],
+    )
 
     class Aesthetic(torch.nn.Module):
         def __init__(self):
@@ -192,7 +221,9 @@ def test_min_score_per_model_and_named_embeddings_of_rejected_rows(pairs, toy_mo
     out = ClipScore(cfg)(pairs.slice(0, 4))
     assert out.column("status").to_pylist() == ["filtered_clip"] * 4
     assert out.column("reason")[0].as_py().startswith("clip:min_score toy ")
-    assert out.column("toy_image_embedding").null_count == 4, "named embeddings are heavy: nulled on rejection"
+    assert out.column("toy_image_embedding").null_count == 4, (
+        "named embeddings are heavy: nulled on rejection"
+    )
     assert out.column("small").null_count == 0, "the scores stay, as the one-model form keeps clip_score"
 
 
@@ -252,7 +283,12 @@ def test_head_format_errors(tmp_path):
 
 def test_one_model_form_keeps_its_columns_and_info():
     s = ClipScore({"model": TOY, "embeddings": True, "flipped": True})
-    assert list(s.output_columns()) == ["clip_score", "clip_score_flipped", "image_embedding", "text_embedding"]
+    assert list(s.output_columns()) == [
+        "clip_score",
+        "clip_score_flipped",
+        "image_embedding",
+        "text_embedding",
+    ]
     assert s.model_info() == {"model": TOY, "pretrained": None, "model_config_path": None}
     m = ClipScore({"models": [{"column": "clip_l14", "model": "ViT-L-14", "pretrained": "openai"}],
                    "heads": [{"column": "aesthetic", "path": "a.safetensors", "activation": "none"}]})  # fmt: skip
@@ -285,3 +321,15 @@ def test_planner_sees_every_named_column(tmp_path):
     assert "clip_score" in next(s for s in steps if s.name == "clip_score").produces
     with pytest.raises(ConfigError, match="requires column 'clip_score'"):
         plan.check(pipe("clip_l14"))
+
+
+def test_bf16_autocast_gives_float32_columns(pairs, toy_models, heads):
+    """Under bf16 autocast (the GPU default; here on CPU) every column is still float32 and close to fp32."""
+    fp32 = ClipScore(_config(toy_models, heads))(pairs.slice(0, 6))
+    bf16 = ClipScore(_config(toy_models, heads, precision="bf16"))(pairs.slice(0, 6))
+    for col in ("toy", "small_flipped", "quality", "aesthetic"):
+        assert bf16.schema.field(col).type == pa.float32()
+        assert (
+            np.abs(np.array(bf16.column(col).to_pylist()) - np.array(fp32.column(col).to_pylist())).max()
+            < 0.05
+        )
