@@ -124,22 +124,11 @@ class ClipScore(Stage):
             prec = "bf16" if self.device.type == "cuda" else "fp32"
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
         self._pool = ThreadPoolExecutor(max(1, c.decode_threads))
-        # Single-model attributes kept for callers of the one-model form (bench/clip_gpu.py).
-        self.model, self.preprocess, self.tokenizer = (
-            self.loaded[0].model,
-            self.loaded[0].preprocess,
-            self.loaded[0].tokenizer,
-        )
         log.info(
             "clip_score: %s on %s, precision %s, %d preprocessing(s), %d head(s)",
             ", ".join(f"{m.plan.column}={m.plan.model} ({m.plan.pretrained})" for m in self.loaded),
             self.device, prec, len(self.transforms), len(self.heads),
         )  # fmt: skip
-
-    def teardown(self) -> None:
-        pool = getattr(self, "_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=False)
 
     # ---- per batch ----------------------------------------------------------------------------
     def _decode_one(self, data: bytes) -> dict:
