@@ -6,7 +6,9 @@ appear verbatim in the caption. A known share of captions is deliberately wrong:
 names a different shape *and* a different colour (neither the true colour nor the background's), and
 its background and size words are drawn afresh, like a caption swapped in from another image. Concepts (colour, shape) follow a Zipf law over a fixed ranking: a few combinations
 are very common, most are rare. A handful of entries are broken on purpose (404, truncated JPEG, HTML
-served as .jpg, empty file) so that the download stage has something to reject.
+served as .jpg, empty file) so that the download stage has something to reject. A known share of the
+matched pairs has a degraded image (``degrade_rate``, half blurred, half noisy, chosen by a seeded draw
+of their own so the other pairs keep their bytes): the truth is in ``is_degraded`` / ``degraded``.
 
     make_world(out_dir, n=400, seed=0)  -> out_dir (files/... and world.parquet)
     url_list(out_dir, "http://127.0.0.1:8000") -> the pipeline's input list
@@ -61,6 +63,8 @@ TEMPLATES: tuple[str, ...] = (
     "{a} {size} {colour} {shape} on {bg_a} plain {bg} background",
 )
 BROKEN_KINDS: tuple[str, ...] = ("missing", "truncated", "html", "empty")
+DEGRADED_KINDS: tuple[str, ...] = ("blur", "noise")
+DEGRADE_RATE = 0.08  # make_world's default share of degraded images among the good (not broken) pairs
 # Fixed concept ranking for the Zipf law (independent of the seed, so the head concepts are stable).
 CONCEPTS: tuple[tuple[str, str], ...] = tuple(
     random.Random(20240601).sample([(c, s) for c in COLOURS for s in SHAPES], len(COLOURS) * len(SHAPES))
@@ -75,6 +79,8 @@ SCHEMA = pa.schema(
         ("true_colour", pa.string()),
         ("true_shape", pa.string()),
         ("broken", pa.string()),
+        ("is_degraded", pa.bool_()),
+        ("degraded", pa.string()),
     ]
 )
 
@@ -92,6 +98,11 @@ class Pair:
     true_colour: str
     true_shape: str
     broken: str | None
+    degraded: str | None = None  # "blur" / "noise": the image is degraded (the caption still matches)
+
+    @property
+    def is_degraded(self) -> bool:
+        return self.degraded is not None
 
 
 def _article(word: str) -> str:
@@ -183,6 +194,27 @@ def caption_for(colour: str, shape: str, bg: str, size: str, rng: random.Random)
                     a_size=_article(size))  # fmt: skip
 
 
+def degrade(img: Image.Image, kind: str, seed: str) -> Image.Image:
+    """A blurred or noisy copy of ``img``, strong enough to survive the pipeline's resize to 64 px:
+    a Gaussian blur of radius 16% of the longer side, or Gaussian noise (sigma 110) in blocks of
+    1/24 of the longer side. Seeded by ``seed``."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    side = max(img.size)
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=0.16 * side))
+    if kind == "noise":
+        k = max(1, round(side / 24))
+        w, h = img.size
+        rng = np.random.default_rng(int.from_bytes(seed.encode(), "little") % (2**63))
+        noise = rng.normal(0.0, 110.0, ((h + k - 1) // k, (w + k - 1) // k, 3))
+        noise = np.repeat(np.repeat(noise, k, axis=0), k, axis=1)[:h, :w]
+        arr = np.asarray(img, dtype=np.float64) + noise
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    raise ValueError(f"unknown degradation {kind!r}")
+
+
 def _encode(img: Image.Image, fmt: str, rng: random.Random) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
@@ -203,9 +235,15 @@ def _broken_bytes(kind: str, good: bytes) -> bytes | None:
 
 
 def generate(
-    n: int, seed: int = 0, mismatch_rate: float = 0.15, n_broken: int = 0, zipf_s: float = 1.1
+    n: int,
+    seed: int = 0,
+    mismatch_rate: float = 0.15,
+    n_broken: int = 0,
+    zipf_s: float = 1.1,
+    degrade_rate: float = 0.0,
 ) -> Iterator[Pair]:
-    """Yield ``n`` pairs. Exactly ``round(mismatch_rate * (n - n_broken))`` of the good ones are mismatched."""
+    """Yield ``n`` pairs. Exactly ``round(mismatch_rate * (n - n_broken))`` of the good ones are mismatched,
+    and ``round(degrade_rate * (n - n_broken))`` of the matched good ones have a degraded image."""
     if not 0 <= n_broken <= n:
         raise ValueError("n_broken must be between 0 and n")
     rng = random.Random(seed)
@@ -213,6 +251,11 @@ def generate(
     broken_kind = {i: BROKEN_KINDS[j % len(BROKEN_KINDS)] for j, i in enumerate(sorted(broken_idx))}
     good = [i for i in range(n) if i not in broken_kind]
     mismatched = set(rng.sample(good, round(mismatch_rate * len(good))))
+    # Own stream: adding degraded images changes no other pair's bytes, caption or truth.
+    matched = [i for i in good if i not in mismatched]
+    n_degraded = min(len(matched), round(degrade_rate * len(good)))
+    chosen = sorted(random.Random(f"{seed}:degraded").sample(matched, n_degraded))
+    degraded_kind = {i: DEGRADED_KINDS[j % len(DEGRADED_KINDS)] for j, i in enumerate(chosen)}
     weights = concept_weights(zipf_s)
     for i in range(n):
         r = random.Random(f"{seed}:{i}")  # per-item stream: an item does not depend on the others
@@ -221,6 +264,8 @@ def generate(
         while bg == true_colour:
             bg = r.choices(list(BACKGROUNDS), weights=BACKGROUND_WEIGHTS)[0]
         img, size = render(true_colour, true_shape, bg, r)
+        if i in degraded_kind:
+            img = degrade(img, degraded_kind[i], f"{seed}:{i}:degrade")
         colour, shape, cap_bg, cap_size = true_colour, true_shape, bg, size
         if i in mismatched:  # reads like another image's caption, with another colour and shape
             colour = r.choice([c for c in COLOURS if c not in (true_colour, bg)])
@@ -236,19 +281,26 @@ def generate(
         if kind is not None:
             data = _broken_bytes(kind, data)
         yield Pair(
-            f"{i:06d}.{fmt}", data, caption, i in mismatched, colour, shape, true_colour, true_shape, kind
-        )
+            f"{i:06d}.{fmt}", data, caption, i in mismatched, colour, shape, true_colour, true_shape, kind,
+            degraded_kind.get(i),
+        )  # fmt: skip
 
 
 def make_world(
-    out_dir, n: int = 400, seed: int = 0, mismatch_rate: float = 0.15, n_broken: int = 8, zipf_s: float = 1.1
+    out_dir,
+    n: int = 400,
+    seed: int = 0,
+    mismatch_rate: float = 0.15,
+    n_broken: int = 8,
+    zipf_s: float = 1.1,
+    degrade_rate: float = DEGRADE_RATE,
 ) -> Path:
     """Write ``out_dir/files/*`` (the served files) and ``out_dir/world.parquet``; return ``out_dir``."""
     out = Path(out_dir)
     files = out / "files"
     files.mkdir(parents=True, exist_ok=True)
     rows = {name: [] for name in SCHEMA.names}
-    for p in generate(n, seed, mismatch_rate, n_broken, zipf_s):
+    for p in generate(n, seed, mismatch_rate, n_broken, zipf_s, degrade_rate):
         target = files / p.name
         if p.data is None:
             target.unlink(missing_ok=True)
@@ -276,12 +328,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mismatch-rate", type=float, default=0.15)
     ap.add_argument("--n-broken", type=int, default=8)
     ap.add_argument("--zipf-s", type=float, default=1.1)
+    ap.add_argument("--degrade-rate", type=float, default=DEGRADE_RATE)
     a = ap.parse_args(argv)
-    out = make_world(a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s)
+    out = make_world(a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s, a.degrade_rate)
     t = pq.read_table(out / "world.parquet")
     n_mis = sum(t.column("is_mismatched").to_pylist())
     n_broken = sum(b is not None for b in t.column("broken").to_pylist())
-    print(f"wrote {t.num_rows} pairs to {out} ({n_mis} mismatched, {n_broken} broken)")
+    n_deg = sum(t.column("is_degraded").to_pylist())
+    print(f"wrote {t.num_rows} pairs to {out} ({n_mis} mismatched, {n_deg} degraded, {n_broken} broken)")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,23 @@ def _top_level() -> list[str]:
     return parts
 
 
+def _list_members(field) -> list[type[BaseModel]]:
+    """The model of a ``list[Model]`` (or ``list[Model] | None``) field, else []."""
+    for arg in (field.annotation, *get_args(field.annotation)):
+        if getattr(arg, "__origin__", None) is list:
+            return [a for a in get_args(arg) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return []
+
+
+def _list_tables(key: str, field) -> list[str]:
+    """One sub-table for the items of a list of nested models (``key: [{...}, ...]``)."""
+    parts = []
+    for m in _list_members(field):
+        text = _cell((m.__doc__ or "").strip().split("\n\n")[0])
+        parts += ["", f"`{key}:` items — {text}", "", *_rows(m)]
+    return parts
+
+
 def _union_members(field) -> tuple[str, list[type[BaseModel]]] | None:
     """``(discriminator, member models)`` of a tagged-union field, else None."""
     disc = field.discriminator
@@ -133,6 +150,7 @@ def stage_reference() -> str:
         parts += _rows(cls.Config)
         for key, field in cls.Config.model_fields.items():
             parts += _union_tables(key, field)
+            parts += _list_tables(key, field)
         parts.append("")
     return "\n".join([*_top_level(), *parts]).strip() + "\n"
 

@@ -14,7 +14,7 @@ Values left untouched: absolute paths, URLs and fsspec paths (anything with ``:/
 ``s3://`` or ``file://``), ``hf-hub:`` model ids. ``local-dir:PATH`` resolves ``PATH`` and keeps the
 prefix. Keys marked ``prefixed`` (a model name or ``local-dir:PATH``) resolve ``local-dir:`` values
 only. ``~`` is expanded. A glob (``*``, ``?``, ``[``) counts as existing where it matches a file.
-Lists of values are resolved item by item.
+Lists of values are resolved item by item, and so are lists of nested models.
 
 ``missing_paths`` lists the local paths a validated config names that do not exist (``clipcurate
 validate`` and a run on a local Ray refuse them before any work): every ``local-dir:PATH``; the plain
@@ -100,6 +100,8 @@ def resolve_config_paths(models: list[type[BaseModel]], body: dict, base_dirs: l
         nested = [m for f in fields for m in _models_of(f.annotation)]
         if nested and isinstance(value, dict):
             out[key] = resolve_config_paths(nested, value, base_dirs)
+        elif nested and isinstance(value, list):  # a list of nested models: each item walked
+            out[key] = [resolve_config_paths(nested, v, base_dirs) if isinstance(v, dict) else v for v in value]
     return out
 
 

@@ -97,6 +97,13 @@ OWN_STATUS_COLUMN = "clipcurate_status"
 HEAVY_COLUMNS: tuple[str, ...] = ("image", "image_embedding", "text_embedding")
 # Columns that never go in a sample's ``.json`` inside the tar.
 TAR_EXCLUDED_COLUMNS: frozenset[str] = frozenset({"image", "image_embedding", "text_embedding", "thumbnail"})
+# Named embedding columns (``clip_l14_image_embedding``...) are heavy and stay out of the tar too.
+EMBEDDING_SUFFIX = "_embedding"
+
+
+def is_heavy(name: str) -> bool:
+    """A heavy column: nulled on rejected rows, never in a sample's ``.json``."""
+    return name in HEAVY_COLUMNS or name.endswith(EMBEDDING_SUFFIX)
 
 
 def field_type(name: str) -> pa.DataType | None:
@@ -142,10 +149,10 @@ def conform(table: pa.Table, extra_columns: dict[str, pa.DataType] | None = None
 
 
 def null_heavy(table: pa.Table, mask: pa.Array) -> pa.Table:
-    """Null the heavy columns (``HEAVY_COLUMNS``) where ``mask`` is true."""
+    """Null the heavy columns (``is_heavy``) where ``mask`` is true."""
     import pyarrow.compute as pc
 
-    for name in HEAVY_COLUMNS:
+    for name in [c for c in table.column_names if is_heavy(c)]:
         if name in table.column_names:
             i = table.column_names.index(name)
             col = table.column(name)

@@ -39,7 +39,7 @@ from pydantic import Field
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
 from schemas.manifest import TAR_SUFFIX, ShardStats, shard_files, shard_name
 from schemas.members import add_member, image_ext
-from schemas.row import OWN_STATUS_COLUMN, SHARD_COL
+from schemas.row import OWN_STATUS_COLUMN, SHARD_COL, is_heavy
 from stages import reshard
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
@@ -155,7 +155,7 @@ class Write(Sink):
         ok = shown.filter(is_ok)
         in_tar = [False] * rows.num_rows
         positions = [i for i, v in enumerate(is_ok.to_pylist()) if v]
-        meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS]
+        meta_cols = [c for c in ok.column_names if c not in TAR_EXCLUDED_COLUMNS and not is_heavy(c)]
         meta = json_ready(ok.select(meta_cols)).to_pylist()
         images = ok.column("image").to_pylist()
         rewrites = (

@@ -115,3 +115,26 @@ def test_toy_clip_loads_and_separates():
     threshold = json.loads((ASSET_DIR / THRESHOLD_NAME).read_text())["min_score"]
     assert (matched >= threshold).mean() >= 5 / 6
     assert (mismatched < threshold).mean() >= 5 / 6
+
+
+def test_degraded_images_are_seeded_and_leave_other_pairs_alone(world, tmp_path):
+    """A known share of the matched pairs has a blurred or noisy image (truth in is_degraded/degraded);
+    the draw has its own stream, so every other pair keeps the bytes of a world without degraded images."""
+    from demo.world import DEGRADE_RATE
+
+    t = pq.read_table(world / "world.parquet").to_pylist()
+    good = [r for r in t if r["broken"] is None]
+    deg = [r for r in good if r["is_degraded"]]
+    assert len(deg) == round(DEGRADE_RATE * len(good))
+    assert {r["degraded"] for r in deg} == {"blur", "noise"}
+    assert not any(r["is_mismatched"] for r in deg), "degraded images keep their matching caption"
+    assert all(r["degraded"] is None for r in t if not r["is_degraded"])
+    clean = make_world(tmp_path / "clean", n=200, seed=0, degrade_rate=0.0)
+    a, b = _files(world), _files(clean)
+    deg_paths = {r["path"] for r in deg}
+    assert all(a[p] != b[p] for p in deg_paths)
+    assert all(a[p] == b[p] for p in a if p not in deg_paths)
+    ct = pq.read_table(clean / "world.parquet")
+    assert ct.drop_columns(["is_degraded", "degraded"]).equals(
+        pq.read_table(world / "world.parquet").drop_columns(["is_degraded", "degraded"])
+    )

@@ -77,6 +77,20 @@ def test_local_dir_prefix_and_model_names(tmp_path, monkeypatch):
         assert _cfg(config.load(wf), "clip_score").model == want, model
 
 
+def test_path_keys_inside_a_list_of_nested_models(tmp_path, monkeypatch):
+    """clip_score's ``models:`` and ``heads:`` items: each item's path keys follow the same rule."""
+    (tmp_path / "flows" / "toy").mkdir(parents=True)
+    (tmp_path / "flows" / "q.safetensors").write_bytes(b"")
+    (tmp_path / "ViT-B-32").mkdir()
+    monkeypatch.chdir(tmp_path)
+    models = [{"column": "a", "model": "local-dir:toy"}, {"column": "b", "model": "ViT-B-32"}]
+    heads = [{"column": "q", "model": "a", "path": "q.safetensors"}]
+    wf = _workflow(tmp_path / "flows", {"clip_score": {"models": models, "heads": heads}})
+    c = _cfg(config.load(wf), "clip_score")
+    assert [m.model for m in c.models] == ["local-dir:flows/toy", "ViT-B-32"]
+    assert c.heads[0].path == "flows/q.safetensors"
+
+
 def test_demo_workflow_both_spellings_resolve_to_the_toy_clip(monkeypatch):
     """From the repository root (make demo, ray job submit --working-dir .), the workflow may name the
     toy CLIP relative to itself or to the root; both give the same config (and config hash)."""
