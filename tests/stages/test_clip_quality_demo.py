@@ -3,9 +3,9 @@ threshold and the toy quality head's threshold together remove the mismatched pa
 at >= 95% recall, losing <= 5% of the good pairs.
 
 Real parts: the demo world served on 127.0.0.1, the download stage with the demo workflow's settings
-(64 px, border, JPEG q90; no Ray), the clip_score stage with the committed toy CLIP and quality head. The
-thresholds are applied with pyarrow on the stage's output (the ``score_filter`` stage will apply them in
-the workflow; see the comment in workflows/demo.yaml).
+(64 px, border, JPEG q90; no Ray), the clip_score stage with the committed toy CLIP and quality head, then
+the clip_filter stage with one combined rule set (``clip_score >= min_score`` and ``quality <= threshold``),
+fitted and applied as the executor does (fit_partial, merge, load_state, process), without Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stages.clip_filter import ClipFilter
 from stages.clip_score import ClipScore
 from tests.conftest import REPO, run_download
 
@@ -42,9 +43,12 @@ def test_clip_and_quality_thresholds_remove_mismatched_and_degraded(demo_urls):
     out = stage(rows).filter(pc.equal(pc.field("status"), "ok"))  # the downloaded, decodable rows
     assert out.num_rows >= 380
     assert out.column("quality").null_count == 0 and out.column("clip_score").null_count == 0
-    removed = pc.or_(
-        pc.less(out.column("clip_score"), MIN_SCORE), pc.greater_equal(out.column("quality"), MAX_QUALITY)
-    )
+    rules = [{"column": "clip_score", "min_score": MIN_SCORE}, {"column": "quality", "max_score": MAX_QUALITY}]
+    filt = ClipFilter({"rules": rules})
+    filt.load_state(filt.merge([filt.fit_partial(out)]))
+    judged = filt(out)
+    removed = pc.not_equal(judged.column("status"), "ok")
+    assert set(judged.filter(removed).column("rule").to_pylist()) <= {"clip_score:min_score", "quality:max_score"}
     bad = pc.or_(out.column("is_mismatched"), out.column("is_degraded"))
     n_bad = pc.sum(bad.cast(pa.int64())).as_py()
     n_good = out.num_rows - n_bad
