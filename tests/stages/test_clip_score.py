@@ -113,3 +113,18 @@ def test_forward_batch_size_does_not_change_scores(pairs):
     b = ClipScore(ClipScore.Config(model=MODEL, batch_size=48, forward_batch_size=48, device="cpu"))(pairs)
     assert np.allclose(a.column("clip_score").to_pylist(), b.column("clip_score").to_pylist(), atol=1e-5)
     assert ClipScore(ClipScore.Config(model=MODEL, batch_size=48)).resources().batch_size == 48
+
+
+def test_a_nan_score_is_never_ok_and_unscored(pairs):
+    """A model whose weights hold NaN (a broken checkpoint, made by filling one of the toy CLIP's image
+    weight matrices with NaN) scores every row NaN: each row is filtered_clip with the tag
+    ``clip_score:nan``, never kept with a null score."""
+    stage = ClipScore(ClipScore.Config(model=MODEL, batch_size=16, device="cpu"))
+    stage.setup()
+    visual = stage.loaded[0].model.visual
+    with torch.no_grad():
+        next(p for p in visual.parameters() if p.ndim == 2).fill_(float("nan"))
+    out = stage(pairs)
+    assert out.column("status").to_pylist() == ["filtered_clip"] * pairs.num_rows
+    assert set(out.column("rule").to_pylist()) == {"clip_score:nan"}
+    assert out.column("clip_score").null_count == pairs.num_rows
