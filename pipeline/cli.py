@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS)")
     p.add_argument("--working-dir", default=".", help="folder uploaded as the job's working dir")
     p.epilog = "Arguments after -- are passed to 'pipeline run' in the job (e.g. -- --output s3://b/out)."
+    from pipeline.evaluate import cli as eval_cli
+
+    eval_cli.add_arguments(sub.add_parser("eval", help=eval_cli.HELP))
     return ap
 
 
@@ -91,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             path = report.build_html(args.output)
             print(f"report: {path}")
             return 0
+        if args.cmd == "eval":
+            from pipeline.evaluate import cli as eval_cli
+
+            return eval_cli.run(args)
         pipe, steps = _load(args)
         if args.cmd == "validate":
             print(f"{args.file}: ok ({len(steps)} stages: {' -> '.join(s.name for s in steps)})")

@@ -173,3 +173,12 @@ def demo_run(ray_session, demo_urls, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out") / "output"
     manifest = executor.run(demo_pipeline(demo_urls, out))
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def demo_evalset(tmp_path_factory) -> Path:
+    """Held-out evaluation sets of the shapes world (``demo/evalset.py``), small: 1 image per class
+    (80 classes) and 40 captions."""
+    from demo.evalset import make_evalset
+
+    return make_evalset(tmp_path_factory.mktemp("evalset"), per_class=1, n_captions=40)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.html import sections
+from pipeline.html import evaluation, sections
 from pipeline.html.data import (
     entry_stages,
     image_fillers,
@@ -35,6 +35,7 @@ def render(output: str) -> str:
         parts.append(sections.label_section(df, rc, order))
     parts.append(samples(rd, df, rc))
     parts += [sections.failure_section(df, s) for s in image_fillers(stages)]
+    parts += evaluation.sections(rd)
     parts.append(sections.metadata(manifest))
     ids = [p.split('"', 2)[1] for p in parts]  # every part starts with <section id="...">
     nav = " &middot; ".join(f'<a href="#{s}">{s}</a>' for s in ids)
