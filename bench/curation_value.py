@@ -2,7 +2,8 @@
 budget (samples seen) over several seeds with ``clipcurate eval``, scored on held-out sets.
 
     .venv/bin/python bench/curation_value.py [--n 1200] [--mismatch-rate 0.5] [--dup-share 0.15]
-        [--seeds 0 1 2] [--samples-seen 8192] [--batch-size 64] [--threads 1] [--out /tmp/clipcurate_value]
+        [--seeds 0 1 2] [--samples-seen 8192] [--batch-size 64] [--threads 1] [--parallel 3]
+        [--out /tmp/clipcurate_value]
 
 1. The pool: a shapes world (``demo/world.py``, its own seed) with a larger mismatched-caption share than
    the demo's 15% (``--mismatch-rate``), plus a share of repeated rows (the same URL and caption listed
@@ -25,10 +26,11 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-seen", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
+    ap.add_argument("--parallel", type=int, default=3, help="training jobs at a time")
     ap.add_argument("--only", nargs="*", help="run only these recipes (names as in the table)")
     ap.add_argument("--recurate", action="store_true", help="rerun the pipelines even where an output exists")
     a = ap.parse_args(argv)
@@ -180,19 +183,29 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluate.config import load
     from pipeline.evaluate.run import evaluate
 
+    # Jobs run --parallel at a time (each a nice trainer process and one torch thread); one output is
+    # trained by one job at a time (its eval.json and work folder are per output).
+    locks = {name: threading.Lock() for name in outputs}
+    idx = {name: i for i, name in enumerate(outputs)}
+
+    def job(name: str, seed: int) -> dict:
+        cfg = load(None, [f"seed={seed}", f"samples_seen={a.samples_seen}", f"batch_size={a.batch_size}",
+                          f"threads={a.threads}", f"classification={evalset / 'classes.parquet'}",
+                          f"retrieval={evalset / 'captions.parquet'}", f"templates={json.dumps(list(TEMPLATES))}"])  # fmt: skip
+        t0 = time.time()
+        with locks[name]:
+            ev = evaluate(str(outputs[name]), cfg)
+        (a.out / f"recipe{idx[name]}-seed{seed}.json").write_text(json.dumps(ev, indent=1))
+        print(f"[{name}] seed {seed}: zero-shot {ev['classification']['mean_accuracy']:.1%}, "
+              f"R@1 {ev['retrieval']['mean_recall']['R@1']:.1%} ({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+        return ev
+
+    jobs = [(name, seed) for seed in a.seeds for name in outputs]  # neighbours are different outputs
+    with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+        done = dict(zip(jobs, pool.map(lambda j: job(*j), jobs)))
     results: dict = {}
     for name, out in outputs.items():
-        runs = []
-        for seed in a.seeds:
-            cfg = load(None, [f"seed={seed}", f"samples_seen={a.samples_seen}", f"batch_size={a.batch_size}",
-                              f"threads={a.threads}", f"classification={evalset / 'classes.parquet'}",
-                              f"retrieval={evalset / 'captions.parquet'}", f"templates={json.dumps(list(TEMPLATES))}"])  # fmt: skip
-            t0 = time.time()
-            ev = evaluate(str(out), cfg)
-            shutil.copyfile(out / "eval.json", a.out / f"recipe{list(outputs).index(name)}-seed{seed}.json")
-            print(f"[{name}] seed {seed}: zero-shot {ev['classification']['mean_accuracy']:.1%}, "
-                  f"R@1 {ev['retrieval']['mean_recall']['R@1']:.1%} ({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-            runs.append(ev)
+        runs = [done[(name, seed)] for seed in a.seeds]
         results[name] = {
             "composition": composition(out),
             "budget": runs[0]["budget"]["samples_seen"],
@@ -200,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "R@1": spread([r["retrieval"]["mean_recall"]["R@1"] for r in runs]),
             "R@5": spread([r["retrieval"]["mean_recall"]["R@5"] for r in runs]),
             "trainer_samples_seen": [r["trainer"]["samples_seen"] for r in runs],
+            "train_seconds": [r["trainer"]["seconds"] for r in runs],
         }
     md = table(results)
     meta = {

@@ -81,6 +81,11 @@ class EvalConfig(BaseModel):
     label_column: str = Field("label", description="Label column of a Parquet classification set.")
     caption_column: str = Field("caption", description="Caption column of a Parquet retrieval set.")
     eval_batch_size: int = Field(256, ge=1, description="Images per forward pass when evaluating.")
+    check_overlap: bool = Field(
+        True,
+        description="Count evaluation images whose exact bytes are in the training tars "
+        "(`in_training_data` in eval.json; reads every tar once).",
+    )
     keep_checkpoint: bool = Field(
         False, description="Keep the trained checkpoint under `OUTPUT/_eval/` (default: only eval.json)."
     )

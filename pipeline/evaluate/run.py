@@ -51,6 +51,19 @@ def model_config(cfg: EvalConfig, work: Path) -> dict:
     return {"name": name}
 
 
+def shard_spec(tars: list[str]) -> str:
+    """The trainer's ``--train-data`` for the tars found in the output folder (not the manifest's
+    pattern: the folder may have moved): a brace range when the names are contiguous numbers of one
+    width (short, whatever the count), else the paths joined by ``::``."""
+    stems = [Path(t).name[: -len(TAR_SUFFIX)] for t in tars]
+    folder = str(Path(tars[0]).parent)
+    same_dir = all(str(Path(t).parent) == folder for t in tars)
+    if len(tars) > 1 and same_dir and all(s.isdigit() and len(s) == len(stems[0]) for s in stems):
+        if [int(s) for s in stems] == list(range(int(stems[0]), int(stems[0]) + len(stems))):
+            return f"{folder}/{{{stems[0]}..{stems[-1]}}}{TAR_SUFFIX}"
+    return "::".join(tars)
+
+
 def check(cfg: EvalConfig, manifest: dict, output: Path) -> tuple[list[str], int]:
     """(tar paths, samples) of the output; one-line errors for what cannot be trained on."""
     if cfg.classification is None and cfg.retrieval is None:
@@ -90,7 +103,7 @@ def evaluate(output: str, cfg: EvalConfig) -> dict:
     log.info("training %s on %d samples for %d samples seen (%d steps of %d)", cfg.model, samples,
              b.samples_seen, b.steps, b.batch_size)  # fmt: skip
     t0 = time.perf_counter()
-    shards = manifest.get("shard_pattern") or " ".join(tars)
+    shards = shard_spec(tars)
     trained = train.train(cfg, shards, b, work)
     train_s = time.perf_counter() - t0
     model, preprocess, tokenizer = train.load_model(cfg, work, trained.checkpoint)
@@ -111,18 +124,12 @@ def evaluate(output: str, cfg: EvalConfig) -> dict:
         "eval_config": cfg.model_dump(),
     }
     t0 = time.perf_counter()
-    hashes = evalsets.tar_image_hashes(tars)
-    if labelled is not None:
-        result["classification"] = {
-            "set": cfg.classification,
-            **zeroshot(model, preprocess, tokenizer, labelled, cfg),
-        }
-        result["classification"]["in_training_data"] = sum(
-            evalsets.sha256(i) in hashes for i in labelled.images
-        )
-    if captions is not None:
-        result["retrieval"] = {"set": cfg.retrieval, **retrieval(model, preprocess, tokenizer, captions, cfg)}
-        result["retrieval"]["in_training_data"] = sum(evalsets.sha256(i) in hashes for i in captions.images)
+    hashes = evalsets.tar_image_hashes(tars) if cfg.check_overlap else None
+    for part, data, fn in (("classification", labelled, zeroshot), ("retrieval", captions, retrieval)):
+        if data is not None:
+            result[part] = {"set": getattr(cfg, part), **fn(model, preprocess, tokenizer, data, cfg)}
+            if hashes is not None:
+                result[part]["in_training_data"] = sum(evalsets.sha256(i) in hashes for i in data.images)
     result["eval_seconds"] = round(time.perf_counter() - t0, 1)
     for part in ("classification", "retrieval"):
         n = result.get(part, {}).get("in_training_data")

@@ -167,3 +167,11 @@ def test_readme_lists_every_eval_key_and_the_demo_eval_yaml_loads():
     assert missing == [], "README's eval key table is out of date"
     cfg = load(str(repo / "workflows" / "eval_demo.yaml"))
     assert cfg.classification.endswith("demo_out/evalset/classes.parquet") and cfg.threads == 1
+
+
+def test_shard_spec_is_a_brace_range_of_the_tars_found():
+    from pipeline.evaluate.run import shard_spec
+
+    assert shard_spec([f"/o/{i:05d}.tar" for i in range(3)]) == "/o/{00000..00002}.tar"
+    assert shard_spec(["/o/00000.tar", "/o/00002.tar"]) == "/o/00000.tar::/o/00002.tar"  # a gap
+    assert shard_spec(["/o/00007.tar"]) == "/o/00007.tar"
