@@ -111,7 +111,10 @@ def composition(out: Path) -> dict:
     df = pl.read_parquet(str(out / "*.parquet")).filter(pl.col("status") == "ok")
     return {
         "samples": df.height,
-        "mismatched": round(float(df["is_mismatched"].mean()), 4) if df.height else None,
+        # kept as text by read's save_additional_columns
+        "mismatched": round(float((df["is_mismatched"].cast(pl.String) == "true").mean()), 4)
+        if df.height
+        else None,
         "distinct_urls": df["url"].n_unique(),
         "concepts": df.select(["true_colour", "true_shape"]).unique().height,
     }
@@ -123,14 +126,19 @@ def spread(xs: list[float]) -> dict:
 
 
 def table(results: dict) -> str:
-    head = ("| recipe | samples kept | mismatched kept | zero-shot mean acc. (sd; min-max) "
-            "| retrieval R@1 (sd) | retrieval R@5 (sd) |\n|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    head = (
+        "| recipe | samples kept | distinct images | mismatched kept | concepts | samples seen (trainer) "
+        "| zero-shot mean acc. (sd; min-max) | retrieval R@1 (sd) | retrieval R@5 (sd) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     rows = []
     for name, r in results.items():
         c, z, r1, r5 = r["composition"], r["zeroshot"], r["R@1"], r["R@5"]
+        seen = sorted(set(r["trainer_samples_seen"]))
         rows.append(
-            f"| {name} | {c['samples']} | {c['mismatched']:.1%} | {z['mean']:.1%} ({z['sd']:.1%}; "
-            f"{z['min']:.1%}-{z['max']:.1%}) | {r1['mean']:.1%} ({r1['sd']:.1%}) | {r5['mean']:.1%} ({r5['sd']:.1%}) |"
+            f"| {name} | {c['samples']} | {c['distinct_urls']} | {c['mismatched']:.1%} | {c['concepts']} "
+            f"| {', '.join(map(str, seen))} | {z['mean']:.1%} ({z['sd']:.1%}; {z['min']:.1%}-{z['max']:.1%}) "
+            f"| {r1['mean']:.1%} ({r1['sd']:.1%}) | {r5['mean']:.1%} ({r5['sd']:.1%}) |"
         )
     return "\n".join([head, *rows])
 
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--parallel", type=int, default=3, help="training jobs at a time")
     ap.add_argument("--only", nargs="*", help="run only these recipes (names as in the table)")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the tables from saved runs")
     ap.add_argument("--recurate", action="store_true", help="rerun the pipelines even where an output exists")
     a = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -201,8 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return ev
 
     jobs = [(name, seed) for seed in a.seeds for name in outputs]  # neighbours are different outputs
-    with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-        done = dict(zip(jobs, pool.map(lambda j: job(*j), jobs)))
+    if a.report_only:  # the tables again from the runs' saved eval.json copies
+        done = {(n, s): json.loads((a.out / f"recipe{idx[n]}-seed{s}.json").read_text()) for n, s in jobs}
+    else:
+        with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+            done = dict(zip(jobs, pool.map(lambda j: job(*j), jobs)))
     results: dict = {}
     for name, out in outputs.items():
         runs = [done[(name, seed)] for seed in a.seeds]

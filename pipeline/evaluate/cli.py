@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 HELP = "train a small CLIP on an output for a fixed budget and evaluate it (OUTPUT/eval.json)"
 
@@ -23,7 +24,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluate.config import load
     from pipeline.evaluate.run import EVAL_NAME, evaluate, summary
 
-    result = evaluate(args.output, load(args.config, args.set))
+    cfg = load(args.config, args.set)
+    try:
+        result = evaluate(args.output, cfg)
+    except RuntimeError as e:  # the trainer failed: not a config problem (exit 1, its log is named)
+        print(f"error: {args.output}: {e}", file=sys.stderr)
+        return 1
     print(summary(result))
     print(f"eval: {args.output.rstrip('/')}/{EVAL_NAME}")
     if not args.no_report:

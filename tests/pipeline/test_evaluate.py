@@ -82,3 +82,31 @@ def test_outputs_of_different_sizes_get_the_same_samples_seen(evaluated, demo_ev
     assert ev["trainer"]["samples_seen"] == big_ev["trainer"]["samples_seen"] == BUDGET
     assert ev["budget"]["steps"] == big_ev["budget"]["steps"]
     assert ev["budget"]["passes"] > big_ev["budget"]["passes"]  # the small output is seen more often
+
+
+def test_a_trainer_failure_exits_1_naming_its_log(tmp_path, demo_evalset, capsys):
+    """A model open_clip does not know: the trainer fails; eval exits 1 with one line naming the log."""
+    import io
+
+    from pipeline import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with tarfile.open(out / "00000.tar", "w") as t:
+        for i in range(4):
+            for ext, data in (
+                ("txt", b"a red circle"),
+                ("jpg", (demo_evalset / CLASSES_NAME).read_bytes()[:10]),
+            ):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    (out / "manifest.json").write_text(
+        json.dumps({"total_samples": 4, "shard_pattern": str(out / "00000.tar")})
+    )
+    args = ["eval", str(out), "--set", "model=no-such-architecture", "--set", "batch_size=2"]
+    args += ["--set", f"retrieval={demo_evalset / CAPTIONS_NAME}", "--set", "samples_seen=4"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}: the trainer failed") and "train-seed0.log" in err
+    assert "\n" not in err and (out / "_eval" / "train-seed0.log").is_file()
