@@ -106,6 +106,9 @@ def evaluate(output: str, cfg: EvalConfig) -> dict:
     shards = shard_spec(tars)
     trained = train.train(cfg, shards, b, work)
     train_s = time.perf_counter() - t0
+    if trained.samples_seen != b.samples_seen:  # equal compute is the point: never report an unequal run
+        raise RuntimeError(f"the trainer saw {trained.samples_seen} samples, the budget is {b.samples_seen} "
+                           f"(full log {trained.log})")  # fmt: skip
     model, preprocess, tokenizer = train.load_model(cfg, work, trained.checkpoint)
     result: dict = {
         "output": str(out),
