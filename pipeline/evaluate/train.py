@@ -12,7 +12,6 @@ chose to put there (original or rewritten; the sink's ``caption_member``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -148,19 +147,3 @@ def load_model(cfg: EvalConfig, work: Path, checkpoint: Path):
     model.load_state_dict(state)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(model_name)
-
-
-def trainer_params(work: Path, name: str) -> dict:
-    """The trainer's own record of its arguments (``params.txt``), as a dict of strings."""
-    p = work / "logs" / name / "params.txt"
-    if not p.is_file():
-        return {}
-    out = {}
-    for line in p.read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k.strip()] = v.strip()
-    return out
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, indent=1, default=str)
