@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-fast test-cluster lint install clean bench-match bench-download bench-download-web bench-scale train-demo-models
+.PHONY: demo test test-fast test-cluster lint install clean bench-match bench-download bench-download-web bench-scale bench-value demo-eval train-demo-models
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m demo.run_demo
+
+# clipcurate eval on the demo output (run `make demo` first): a few minutes on 2 cores
+demo-eval: $(STAMP)
+	$(BIN)/python -m demo.evalset demo_out/evalset
+	$(BIN)/python -m pipeline eval demo_out/output --config workflows/eval_demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -53,6 +58,9 @@ bench-download-web: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
+
+bench-value: $(STAMP)
+	$(BIN)/python bench/curation_value.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

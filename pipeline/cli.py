@@ -27,6 +27,7 @@ examples:
   clipcurate run workflows/demo.yaml --output out/ --progress ray
   clipcurate report out/
   clipcurate submit workflows/demo.yaml --address http://HEAD:8265 -- --output s3://bucket/out
+  clipcurate eval out/ --config workflows/eval_demo.yaml
 
 Run 'clipcurate COMMAND --help' for the options of a command."""
 
@@ -131,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="install nothing for the job (as CLIPCURATE_SUBMIT_PIP=0): the cluster has the dependencies",
     )
+    from pipeline.evaluate import cli as eval_cli
+
+    p = _sub(
+        sub, "eval", eval_cli.HELP,
+        "Train a CLIP with open_clip's own trainer on the output's tars for a fixed number of samples seen "
+        "(equal compute whatever the output's size), then evaluate zero-shot classification and image-text "
+        "retrieval on held-out sets; writes OUTPUT/eval.json and a section of report.html.",
+        "clipcurate eval out/ --config workflows/eval_demo.yaml",
+    )  # fmt: skip
+    eval_cli.add_arguments(p)
     return ap
 
 
@@ -163,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             path = report.build_html(args.output)
             print(f"report: {path}")
             return 0
+        if args.cmd == "eval":
+            from pipeline.evaluate import cli as eval_cli
+
+            return eval_cli.run(args)
         pipe, steps = _load(args)
         if args.cmd == "validate":
             from pipeline.preflight import check_inputs

@@ -226,6 +226,15 @@ def demo_run(demo_cli_run):
     return out, manifest
 
 
+@pytest.fixture(scope="session")
+def demo_evalset(tmp_path_factory) -> Path:
+    """Held-out evaluation sets of the shapes world (``demo/evalset.py``), small: 1 image per class
+    (80 classes) and 40 captions."""
+    from demo.evalset import make_evalset
+
+    return make_evalset(tmp_path_factory.mktemp("evalset"), per_class=1, n_captions=40)
+
+
 def open_clip_train(train_data: str, logs, name: str, *extra: str, workers: int = 0) -> list[float]:
     """A few steps of open_clip's own trainer (``open_clip_train.main``) with the toy CLIP on the CPU,
     on ``train_data`` (a webdataset pattern); asserts it exits 0 and returns its finite losses."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.html import sections
+from pipeline.html import evaluation, sections
 from pipeline.html.data import (
     entry_stages,
     image_fillers,
@@ -40,6 +40,7 @@ def render(output: str) -> str:
     parts += [dataset_section(df), rewrites_section(df)]
     parts += [samples(rd, df, rc), rejected(df, rc)]
     parts += [sections.failure_section(df, s) for s in image_fillers(stages)]
+    parts += evaluation.sections(rd)
     parts.append(sections.metadata(manifest))
     parts = [p for p in parts if p]  # sections that do not apply to this run are None
     ids = [p.split('"', 2)[1] for p in parts]  # every part starts with <section id="...">
