@@ -10,7 +10,7 @@ The package knows no stage by name. Sections, in this order (ids are stable for 
 
 * ``overview``, ``funnel``: always;
 * ``stage-time``: when the manifest has ``stage_seconds`` (``timing``);
-* one per score column (``schemas.row.SCORE_COLUMNS``) present in the rows, id ``<column>s`` with
+* one per score column (``clip_score`` and the float columns the stages write) present in the rows, id ``<column>s`` with
   ``_`` as ``-`` (``clip-scores``), with every threshold of the run: a stage config's ``min_score``
   or a global state summary's ``threshold``, drawn on the columns their stage requires or produces;
 * one per global stage whose state summary has ``top_entries``, id = the stage name: entry counts

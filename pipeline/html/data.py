@@ -56,6 +56,21 @@ class StageEntry:
     def declares(self, attr: str, column: str) -> bool:
         return column in (getattr(self.cls, attr, ()) or ())
 
+    def instance(self):
+        """The entry built from its resolved config (no ``setup``: nothing loads), or None."""
+        if self.cls is None:
+            return None
+        try:
+            return self.cls(self.config)
+        except Exception:  # noqa: BLE001 - a config this version cannot build: report without it
+            return None
+
+    def score_columns(self) -> tuple[str, ...]:
+        """The floating-point columns the entry writes (its ``output_columns``): scores, head outputs."""
+        inst = self.instance()
+        cols = inst.output_columns() if inst is not None and hasattr(inst, "output_columns") else {}
+        return tuple(c for c, t in cols.items() if t is not None and pa.types.is_floating(t))
+
 
 def stage_entries(manifest: dict) -> list[StageEntry]:
     out = []
@@ -94,11 +109,22 @@ def entry_stages(manifest: dict, stages: list[StageEntry]) -> list[StageEntry]:
     return [s for s in stages if isinstance((gs.get(s.name) or {}).get("top_entries"), list)]
 
 
+def score_columns(manifest: dict) -> tuple[str, ...]:
+    """``SCORE_COLUMNS`` and every floating-point column a stage of the run writes (named model scores,
+    flipped scores, heads' outputs)."""
+    cols = list(SCORE_COLUMNS)
+    for s in stage_entries(manifest):
+        cols += s.score_columns()
+    return tuple(dict.fromkeys(cols))
+
+
 def thresholds(manifest: dict) -> list[tuple[str, float, tuple[str, ...]]]:
     """Every score threshold of the run: (label, value, score columns it applies to).
 
-    From any stage config key ``min_score`` and any global state summary with a ``threshold``; a
-    threshold applies to the score columns its stage requires or produces (all, if undeclared)."""
+    From any stage config key ``min_score`` (also per entry of a ``models`` list, on its ``column``),
+    any global state summary with a ``threshold``, and the ``rules`` of a summary (``column``,
+    ``threshold``, ``min_score``, ``max_score``); a stage-level threshold applies to the score
+    columns its stage requires or produces (all, if undeclared)."""
     out = []
     gs = manifest.get("global_state") or {}
     for s in stage_entries(manifest):
@@ -106,17 +132,31 @@ def thresholds(manifest: dict) -> list[tuple[str, float, tuple[str, ...]]]:
         cols = cols or (SCORE_COLUMNS if s.cls is None else ())
         if s.config.get("min_score") is not None:
             out.append((f"{s.name} min_score", float(s.config["min_score"]), cols))
+        for m in s.config.get("models") or []:
+            if isinstance(m, dict) and m.get("min_score") is not None and m.get("column"):
+                out.append((f"{s.name} min_score", float(m["min_score"]), (m["column"],)))
         summary = gs.get(s.name) or {}
-        if summary.get("threshold") is not None:
+        rules = summary.get("rules")
+        if isinstance(rules, list):
+            for r in rules:
+                col = r.get("column") if isinstance(r, dict) else None
+                if not col:
+                    continue
+                if r.get("threshold") is not None:
+                    out.append((f"{s.name} top_fraction {r.get('top_fraction')}", float(r["threshold"]), (col,)))
+                for key in ("min_score", "max_score"):
+                    if r.get(key) is not None:
+                        out.append((f"{s.name} {key}", float(r[key]), (col,)))
+        elif summary.get("threshold") is not None:
             label = f"{s.name} threshold"
             if summary.get("top_fraction") is not None:
                 label = f"{s.name} top_fraction {summary['top_fraction']}"
             out.append((label, float(summary["threshold"]), cols))
-    return out
+    return list(dict.fromkeys(out))  # a single-rule summary repeats the config's min_score
 
 
 def wanted_columns(manifest: dict, stages: list[StageEntry], rc: ReportConfig) -> list[str]:
-    cols = [*BASE_REPORT_COLUMNS, *SCORE_COLUMNS]
+    cols = [*BASE_REPORT_COLUMNS, *score_columns(manifest)]
     for s in entry_stages(manifest, stages):
         cols += entry_columns(s)
     cols += [c for c in (rc.label_column, *rc.show_columns) if c]

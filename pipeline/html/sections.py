@@ -12,12 +12,12 @@ import polars as pl
 
 from pipeline.config import ReportConfig
 from pipeline.html import charts
-from pipeline.html.data import StageEntry, entry_columns, label_name, stage_status, thresholds
+from pipeline.html.data import StageEntry, entry_columns, label_name, score_columns, stage_status, thresholds
 from pipeline.html.markup import anchor, e, fmt_num, img, note, section, share, table
 from pipeline.report import funnel_rows, input_rows
 from pipeline.runs import RunDir
 from schemas import OK
-from schemas.row import SCORE_COLUMNS, SHARD_COL
+from schemas.row import SHARD_COL
 
 MAX_REASON_ROWS = 30
 MAX_HOST_ROWS = 15
@@ -80,8 +80,9 @@ def funnel(manifest: dict, df: pl.DataFrame, order: list[str]) -> str:
 
 
 def score_sections(manifest: dict, df: pl.DataFrame, rc: ReportConfig) -> list[str]:
-    """One section per score column of ``schemas.row.SCORE_COLUMNS`` in the run's rows."""
-    return [_score_section(manifest, df, rc, col) for col in SCORE_COLUMNS if col in df.columns]
+    """One section per score column in the run's rows (``data.score_columns``: ``clip_score`` and
+    the floating-point columns the stages write)."""
+    return [_score_section(manifest, df, rc, col) for col in score_columns(manifest) if col in df.columns]
 
 
 def _score_section(manifest: dict, df: pl.DataFrame, rc: ReportConfig, col: str) -> str:

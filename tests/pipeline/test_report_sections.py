@@ -245,3 +245,24 @@ def test_report_shows_rejected_images_statistics_and_stage_time_in_chromium(run,
     text = {s["id"]: s["text"] for s in p["sections"]}
     assert "caption length (words)" in text["dataset"] and "Caption language" in text["dataset"]
     screenshot(path, tmp_path / "report_sections.png")
+
+
+def test_named_scores_and_rule_thresholds_are_charted():
+    """Named model scores and head outputs get a score section each; a clip_filter's rules draw their
+    thresholds on their own column (from the manifest alone: the resolved config and the state summary)."""
+    from pipeline.html.data import score_columns, thresholds
+
+    clip = {"models": [{"column": "clip_l14", "model": "ViT-L-14", "pretrained": "openai", "min_score": 0.2,
+                        "flipped": True}],
+            "heads": [{"column": "quality", "path": "q.safetensors", "model": "clip_l14"}]}  # fmt: skip
+    rules = [{"column": "clip_l14", "top_fraction": 0.3, "threshold": 0.25},
+             {"column": "quality", "max_score": 0.7}]  # fmt: skip
+    manifest = {
+        "config": {"stages": [{"read": {"path": "x.parquet"}}, {"clip_score": clip}, {"clip_filter": {"rules": rules}}]},
+        "global_state": {"clip_filter": {"n": 10, "rules": rules}},
+    }  # fmt: skip
+    assert {"clip_l14", "clip_l14_flipped", "quality"} <= set(score_columns(manifest))
+    got = {(label, value, cols) for label, value, cols in thresholds(manifest)}
+    assert ("clip_score min_score", 0.2, ("clip_l14",)) in got
+    assert ("clip_filter top_fraction 0.3", 0.25, ("clip_l14",)) in got
+    assert ("clip_filter max_score", 0.7, ("quality",)) in got
