@@ -282,3 +282,22 @@ def test_working_dir_upload_is_small(tmp_path):
     bad = [n for n in names if n.split("/")[0] in (".venv", ".git", "demo_out", "out") or "__pycache__" in n]
     assert bad == []
     assert zip_path.stat().st_size < 50 * 1024 * 1024
+
+
+def test_submit_exits_non_zero_when_the_job_fails(cluster, tmp_path):
+    """README: `submit` returns the job's outcome. A job whose run fails (here its input does not exist
+    on the cluster: `clipcurate submit` leaves the input checks to the job) ends FAILED, and `clipcurate
+    submit` says so and exits 1."""
+    missing = tmp_path / "nowhere" / "pool.parquet"
+    cmd = [sys.executable, "-m", "pipeline", "submit", "workflows/demo.yaml", "--address", cluster.address,
+           "--working-dir", str(REPO), "--set", f"stages.read.path={missing}",
+           "--", "--output", str(tmp_path / "out")]  # fmt: skip
+    before = _job_statuses(cluster)
+    env = cluster.env(RAY_AUTH_TOKEN_PATH=str(cluster.token_file))
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1].endswith(": FAILED")
+    assert "no such file or folder" in r.stdout, "the job's one-line error is streamed back"
+    new = {k: v for k, v in _job_statuses(cluster).items() if k not in before}
+    assert list(new.values()) == ["FAILED"]
