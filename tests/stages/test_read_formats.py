@@ -1,6 +1,6 @@
 """Every URL-list format README "Inputs" names, through the read stage without Ray (issue #21): csv,
-tsv, json, jsonl and txt, plain and compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), give the same rows, keys and columns as the Parquet file of the
-same list. Rows go through ``check``, ``split`` and ``load_specs`` (``read_rows`` of test_read.py)."""
+tsv, json, jsonl and txt, plain and compressed (``.gz``, ``.bz2``, ``.xz``, ``.zst``), give the same
+rows, keys and columns as the Parquet file of the same list. Rows go through ``check``, ``split`` and ``load_specs`` (``read_rows`` of test_read.py)."""
 
 from __future__ import annotations
 
