@@ -138,16 +138,14 @@ def test_killed_actor_loses_no_rows(ray_session, demo_urls, tmp_path):
 
 def test_open_clip_training_reads_the_output(demo_run, tmp_path):
     """A few steps of open_clip's own trainer (open_clip_train.main) on the shards, on the CPU with the
-    toy CLIP, using the manifest's shard pattern and sample count."""
+    toy CLIP, using the manifest's shard pattern and sample count: that count is the samples in the
+    tars, and open_clip's epoch is all of them (``open_clip_train`` reads its progress lines)."""
     out, manifest = demo_run
+    in_tars = len(_tar_images(out))
+    assert manifest["total_samples"] == in_tars > 0
     n = str(manifest["total_samples"])
     open_clip_train(
-        manifest["shard_pattern"],
-        tmp_path / "logs",
-        "smoke",
-        "--train-num-samples",
-        n,
-        samples=manifest["total_samples"],
+        manifest["shard_pattern"], tmp_path / "logs", "smoke", "--train-num-samples", n, samples=in_tars
     )
 
 
