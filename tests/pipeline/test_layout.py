@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from pipeline import registry
@@ -112,8 +113,11 @@ def test_stage_contract(name):
         assert f.description, f"{name}: config key {key!r} has no Field(description=...)"
     for col in (*cls.requires, *cls.produces):
         assert col in known_columns(), f"{name}: column {col!r} is not in schemas/"
+    # a stage declares the columns it adds: typed in schemas/ STAGE_FIELDS, never a base column
+    # (status, reason, image, ... exist from the source on; set_status/replace_column fill them)
+    assert len(set(cls.produces)) == len(cls.produces), f"{name}: a column declared twice"
     for col in cls.produces:
-        assert col in STAGE_FIELDS or col in known_columns()
+        assert isinstance(STAGE_FIELDS.get(col), pa.DataType), f"{name}: {col!r} is not a STAGE_FIELDS column"
     if cls.is_global:
         for m in ("fit_partial", "merge", "load_state"):
             assert getattr(cls, m) is not getattr(Stage, m), f"global stage {name} must implement {m}"

@@ -108,7 +108,9 @@ def test_reshard_balances_the_tars_and_open_clip_trains_with_a_worker_per_tar(
 
     # open_clip's trainer, one dataloader worker per tar; no --train-num-samples: it reads sizes.json
     # (without it, open_clip refuses a webdataset with no sample count)
-    open_clip_train(m["shard_pattern"], tmp_path / "logs", "balanced", workers=len(sizes))
+    open_clip_train(
+        m["shard_pattern"], tmp_path / "logs", "balanced", samples=m["total_samples"], workers=len(sizes)
+    )
 
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the aws CLI (the pipe: command) is not installed")

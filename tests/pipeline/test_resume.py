@@ -35,9 +35,18 @@ def _leftovers(out: Path) -> list[str]:
     return [str(p) for p in out.rglob("*") if ".tmp-" in p.name]
 
 
+def _identity(p: Path) -> tuple[int, int, bytes]:
+    """(inode, mtime, bytes) of a file: all three stay when a rerun keeps it."""
+    st = p.stat()
+    return st.st_ino, st.st_mtime_ns, p.read_bytes()
+
+
 def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
     """Kill the whole run (driver and its local Ray) with SIGKILL after some shards are complete and
-    others are in flight, rerun it, and compare with a clean run into another folder."""
+    others are in flight, rerun it, and compare with a clean run into another folder. The rerun keeps
+    the shards completed before the kill (same inode, mtime and bytes), and removes or redoes what a
+    kill mid-write leaves: a planted ``*.tmp-*`` file and a planted tar without its ``_stats.json``
+    (planted, because the kill itself rarely lands mid-write)."""
     from pipeline import ray as executor
 
     killed = tmp_path / "killed"
@@ -62,11 +71,27 @@ def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    done_at_kill = len(list(killed.glob("*_stats.json")))
-    assert 2 <= done_at_kill < n_shards, "killed after some shards and before all"
+    done = sorted(p.name.removesuffix("_stats.json") for p in killed.glob("*_stats.json"))
+    assert 2 <= len(done) < n_shards, "killed after some shards and before all"
+    kept = {p.name: _identity(p) for n in done for p in killed.glob(f"{n}.*")} | {
+        f"{n}_stats.json": _identity(killed / f"{n}_stats.json") for n in done
+    }
+    assert len(kept) == 3 * len(done), "tar, parquet and stats of each completed shard"
+    todo = next(n for n in (f"{s:0{len(done[0])}d}" for s in range(n_shards)) if n not in done)
+    junk_tar = b"a tar cut short by the kill, without its _stats.json"
+    (killed / f"{todo}.tar").write_bytes(junk_tar)
+    planted_tmp = [
+        killed / f"{todo}.parquet.tmp-0badc0de",
+        killed / "_clipcurate" / "input" / "x.json.tmp-0badc0de",
+    ]
+    for p in planted_tmp:
+        p.write_bytes(b"partial")
 
     resumed = executor.run(demo_pipeline(demo_urls, killed, [SMALL_SHARDS]))
     assert resumed["resumed"] is True
+    assert {n: _identity(killed / n) for n in kept} == kept, "shards completed before the kill are kept"
+    assert not any(p.exists() for p in planted_tmp), "temporary files of the killed run are removed"
+    assert (killed / f"{todo}_stats.json").is_file() and (killed / f"{todo}.tar").read_bytes() != junk_tar
     clean = executor.run(demo_pipeline(demo_urls, tmp_path / "clean", [SMALL_SHARDS]))
 
     a, b = _tar_images(killed), _tar_images(tmp_path / "clean")
@@ -113,10 +138,15 @@ def test_killed_actor_loses_no_rows(ray_session, demo_urls, tmp_path):
 
 def test_open_clip_training_reads_the_output(demo_run, tmp_path):
     """A few steps of open_clip's own trainer (open_clip_train.main) on the shards, on the CPU with the
-    toy CLIP, using the manifest's shard pattern and sample count."""
+    toy CLIP, using the manifest's shard pattern and sample count: that count is the samples in the
+    tars, and open_clip's epoch is all of them (``open_clip_train`` reads its progress lines)."""
     out, manifest = demo_run
+    in_tars = len(_tar_images(out))
+    assert manifest["total_samples"] == in_tars > 0
     n = str(manifest["total_samples"])
-    open_clip_train(manifest["shard_pattern"], tmp_path / "logs", "smoke", "--train-num-samples", n)
+    open_clip_train(
+        manifest["shard_pattern"], tmp_path / "logs", "smoke", "--train-num-samples", n, samples=in_tars
+    )
 
 
 def test_recuration_reproduces_scores(ray_session, demo_run, tmp_path):

@@ -31,6 +31,7 @@ from stages.balance import (
     reference_match,
     reference_spacing,
 )
+from tests.conftest import missing, require_module
 from tests.shared_data import shared_data_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,8 +53,8 @@ def names(ids: list[int], entries: list[str]) -> set[str]:
 def offline_metadata(pytestconfig, tmp_path_factory) -> list[str]:
     """The offline MetaCLIP-style metadata (WordNet + wordfreq), built once and cached."""
     if not all((md.WORDNET_DIR / f).is_file() for f in md.WORDNET_FILES):
-        pytest.skip(f"WordNet data not found in {md.WORDNET_DIR}: apt-get install wordnet-base")
-    pytest.importorskip("wordfreq", reason="the metadata builder needs wordfreq (pip install wordfreq)")
+        missing(f"WordNet data not found in {md.WORDNET_DIR}: apt-get install wordnet-base")
+    require_module("wordfreq", "the metadata builder needs wordfreq (pip install wordfreq)")
     version = hashlib.sha256((REPO / "stages" / "metadata.py").read_bytes()).hexdigest()[:12]
     cache = getattr(pytestconfig, "cache", None)  # absent under -p no:cacheprovider
     folder = cache.mkdir("clipcurate_metadata") if cache else tmp_path_factory.mktemp("metadata")

@@ -21,7 +21,7 @@ from img2dataset.blurrer import BoundingBoxBlurrer
 from img2dataset.resizer import Resizer
 from PIL import Image
 
-from schemas import Status
+from schemas.status import STATUSES
 from stages.download import (
     RESIZE_MODES,
     AddressPolicy,
@@ -34,7 +34,7 @@ from stages.download import (
     normalize_url,
 )
 from tests.badserver import make_jpeg, make_png_rgba, serve_bad
-from tests.conftest import run_download
+from tests.conftest import REPO, run_download
 
 LOOPBACK = ["127.0.0.0/8"]  # lets the tests reach the bad server while the guard stays on for the rest
 
@@ -90,13 +90,18 @@ BAD_RULES = {
 }  # fmt: skip
 
 
-def test_bad_inputs_get_documented_statuses():
+@pytest.fixture(scope="module")
+def bad_out() -> pa.Table:
+    """The stage's output on ``BAD_CASES``, one row per case, in order."""
     with serve_bad() as srv:
         urls = [srv.url(c) if isinstance(c, str) and c.startswith("/") else c for c, _, _ in BAD_CASES]
         # 2 s per read, 4 s in all: /slow (6 s) and /drip (10 s) exceed them by far, while a busy
         # machine still serves the good rows in time
-        out = run(urls, allowed_networks=LOOPBACK, max_response_bytes=1_000_000, timeout=2, total_timeout=4)
-    rows = out.to_pylist()
+        return run(urls, allowed_networks=LOOPBACK, max_response_bytes=1_000_000, timeout=2, total_timeout=4)
+
+
+def test_bad_inputs_get_documented_statuses(bad_out):
+    rows = bad_out.to_pylist()
     for (case, status, pattern), row in zip(BAD_CASES, rows):
         assert row["status"] == status, (case, row["status"], row["reason"])
         if pattern is None:
@@ -150,10 +155,23 @@ def test_redirects_are_checked_on_every_hop():
 
 
 def test_connection_is_reused_and_not_poisoned_by_a_lying_content_length():
-    with serve_bad() as srv:
-        urls = [srv.url("/lying-cl")] + [srv.url(f"/ok.jpg?n={i}") for i in range(20)]
-        out = run(urls, allowed_networks=LOOPBACK, thread_count=2)
+    """21 URLs on one keep-alive host with 2 threads: the connections the stage opens (counted by
+    the download package's dial hook, called before every ``connect()``) are a few, not one per
+    URL; the connection a lying Content-Length leaves unusable is not reused for the next image."""
+    from stages.download import set_dial_hook
+
+    dials: list[tuple[str, int]] = []
+    set_dial_hook(lambda ip, port: dials.append((ip, port)))
+    try:
+        with serve_bad() as srv:
+            urls = [srv.url("/lying-cl")] + [srv.url(f"/ok.jpg?n={i}") for i in range(20)]
+            out = run(urls, allowed_networks=LOOPBACK, thread_count=2)
+    finally:
+        set_dial_hook(None)
     assert out.column("status").to_pylist() == ["decode_failed"] + ["ok"] * 20
+    assert len(set(dials)) == 1 and dials[0][0] == "127.0.0.1", dials
+    # 2 threads: a connection each, one more for the lying one (a few spare for a busy machine)
+    assert 1 <= len(dials) <= 5, f"{len(dials)} connections opened for {len(urls)} URLs on one host"
 
 
 def test_retries_only_transient_failures():
@@ -400,9 +418,45 @@ def test_fast_path_scales_and_encodes_like_the_resizer():
     assert out.image[:4] == b"RIFF" and (out.width, out.height) == (384, 256)
 
 
-def test_status_vocabulary_is_the_shared_one():
-    used = {s for _, s, _ in BAD_CASES} | {"hash_mismatch", "filtered_size", "stage_error"}
-    assert used <= {s.value for s in Status}
+def readme_statuses() -> dict[str, tuple[str, str]]:
+    """README "Statuses and reasons": status -> (set by, rule tags) as written in its table."""
+    text = (REPO / "README.md").read_text().split("### Statuses and reasons", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \|([^|]*)\|([^|]*)\|", text, flags=re.MULTILINE)
+    return {status: (by.strip(), tags) for status, by, tags in rows}
+
+
+def test_status_vocabulary_is_the_shared_one(bad_out):
+    """What the stage emits on real bad inputs (``BAD_CASES``, a hash mismatch, a size filter): every
+    status is in ``schemas.status.STATUSES`` and documented in the README's table as set by download,
+    every rule tag is listed there for its status, and every status the README says download sets
+    is one the stage was seen to emit."""
+    with serve_bad() as srv:
+        url = srv.url("/ok.jpg")  # 640x480
+        more = [
+            run(
+                [url],
+                extra_cols={"expected": ["0" * 64]},
+                allowed_networks=LOOPBACK,
+                verify_hash=("expected", "sha256"),
+            ),
+            run([url], allowed_networks=LOOPBACK, min_image_size=500),
+        ]
+    emitted = {
+        (r["status"], r["rule"]) for t in (bad_out, *more) for r in t.select(["status", "rule"]).to_pylist()
+    }
+    documented = readme_statuses()
+    assert set(documented) == set(STATUSES), "the README's table is the vocabulary"
+    for status, rule in emitted:
+        assert status in STATUSES, status
+        if status == "ok":
+            assert rule is None
+            continue
+        by, tags = documented[status]
+        assert "download" in by, (status, by)
+        shown = "http_<code>" if re.fullmatch(r"http_\d{3}", rule) else rule
+        assert f"`{shown}`" in tags, (status, rule, tags)
+    download_statuses = {s for s, (by, _) in documented.items() if "download" in by}
+    assert {s for s, _ in emitted} == download_statuses | {"ok"}
 
 
 @pytest.mark.parametrize(
@@ -417,7 +471,10 @@ def test_link_local_and_other_non_public_addresses_stay_refused_with_private_net
 
     assert AddressPolicy(True, []).refusal(ip) is not None
     assert AddressPolicy(False, []).refusal(ip) is not None
-    assert AddressPolicy(True, []).refusal("10.1.2.3") is None and AddressPolicy(True, []).refusal("127.0.0.1") is None
+    assert (
+        AddressPolicy(True, []).refusal("10.1.2.3") is None
+        and AddressPolicy(True, []).refusal("127.0.0.1") is None
+    )
 
 
 @pytest.mark.timeout(120)
@@ -426,9 +483,10 @@ def test_a_row_that_raises_in_decoding_is_its_stage_error_and_never_stalls_the_s
     rows of the shard, downloaded in the same window, come out ok: no refetch, no stall."""
     from stages.download import Download
 
-    with serve_bad() as srv, Download(
-        {"allowed_networks": LOOPBACK, "thread_count": 2, "batch_size": 4, "timeout": 2}
-    ) as stage:
+    with (
+        serve_bad() as srv,
+        Download({"allowed_networks": LOOPBACK, "thread_count": 2, "batch_size": 4, "timeout": 2}) as stage,
+    ):
         real, calls = stage.images, []
 
         def flaky(data, bbox=None):  # the real decoder, except that its second call raises
