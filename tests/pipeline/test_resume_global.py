@@ -148,12 +148,17 @@ def test_resume_reuses_the_state_and_rebuilds_a_missing_spill(first_run, workflo
     assert pq.read_table(out / "_clipcurate" / "spill" / spills[0]).num_rows == PER_SHARD
 
 
-def test_overwrite_from_the_cli(first_run, workflow):
-    """After the resume test (any order works: both need only a finished output)."""
+def test_overwrite_from_the_cli(ray_session, first_run, workflow):
+    """After the resume test (any order works: both need only a finished output). The CLI joins the
+    test session's Ray (``ray.address``) rather than starting one of its own."""
+    import ray
+
     out, _ = first_run
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
+    address = ray.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipeline", "run", str(workflow), "--output", str(out),
-           "--set", "stages.basic_filter.min_words=1", "--set", "stages.basic_filter.min_chars=1"]  # fmt: skip
+           "--set", "stages.basic_filter.min_words=1", "--set", "stages.basic_filter.min_chars=1",
+           "--set", f"ray.address={address}"]  # fmt: skip
     old = json.loads((out / "manifest.json").read_text())["config_hash"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     lines = r.stderr.strip().splitlines()
