@@ -304,3 +304,11 @@ def open_clip_train(
     assert losses, text[-3000:]
     assert all(math.isfinite(x) for x in losses), f"finite losses: {losses}"
     return losses
+
+
+def filter_dedup_workflow(pool: str, **top) -> dict:
+    """A small local workflow (no download): read ``pool`` -> basic_filter (caption rules only: no
+    language ID, no image-size rule) -> dedup by url -> write; ``top``: top-level keys."""
+    basic = {"lang_id": None, "english": False, "min_image_side": None, "max_aspect_ratio": None}
+    stages = [{"read": {"path": pool}}, {"basic_filter": basic}, {"dedup": {"by": ["url"]}}, {"write": {}}]
+    return {**top, "stages": stages}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, filter_dedup_workflow
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess:
@@ -36,27 +36,8 @@ def workflow(tmp_path) -> Path:
         pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a red bus"]}), tmp_path / "pool.parquet"
     )
     path = tmp_path / "w.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "samples_per_shard": 5,
-                "ray": {"num_cpus": 2},
-                "stages": [
-                    {"read": {"path": str(tmp_path / "pool.parquet")}},
-                    {
-                        "basic_filter": {
-                            "lang_id": None,
-                            "english": False,
-                            "min_image_side": None,
-                            "max_aspect_ratio": None,
-                        }
-                    },
-                    {"dedup": {"by": ["url"]}},
-                    {"write": {}},
-                ],
-            }
-        )
-    )
+    pool = str(tmp_path / "pool.parquet")
+    path.write_text(yaml.safe_dump(filter_dedup_workflow(pool, samples_per_shard=5, ray={"num_cpus": 2})))
     return path
 
 

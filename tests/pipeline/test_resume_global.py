@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, filter_dedup_workflow
 
 N, PER_SHARD = 20, 5
 SHORT = {0, 5, 10, 15}  # caption "cat": one word, under min_words 3
@@ -33,25 +33,6 @@ DUPLICATES = {
     18: 2,
     19: 3,
 }  # same URL as the row it duplicates (16 repeats 0, which basic_filter rejected)
-WORKFLOW = {
-    "samples_per_shard": PER_SHARD,
-    "ray": {"show_progress": False},
-    "stages": [
-        {"read": {"path": "POOL"}},
-        {
-            "basic_filter": {
-                "lang_id": None,
-                "english": False,
-                "min_image_side": None,
-                "max_aspect_ratio": None,
-            }
-        },
-        {"dedup": {"by": ["url"]}},
-        {"write": {}},
-    ],
-}
-
-
 def _rows(out: Path) -> dict[int, dict]:
     t = pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
     return {
@@ -68,8 +49,7 @@ def workflow(tmp_path_factory) -> Path:
     caps = ["cat" if i in SHORT else f"a photo of cat {i} {'b' if i >= 16 else 'a'}" for i in range(N)]
     pq.write_table(pa.table({"url": urls, "caption": caps}), d / "pool.parquet")
     path = d / "w.yaml"
-    wf = json.loads(json.dumps(WORKFLOW))
-    wf["stages"][0]["read"]["path"] = str(d / "pool.parquet")
+    wf = filter_dedup_workflow(str(d / "pool.parquet"), samples_per_shard=PER_SHARD, ray={"show_progress": False})
     path.write_text(yaml.safe_dump(wf))
     return path
 
