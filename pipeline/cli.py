@@ -202,7 +202,7 @@ def _run(args, pipe) -> int:
     from pipeline.preflight import preflight
 
     # Input and output problems end here, in one line, before Ray starts and before anything is written.
-    preflight(pipe, overwrite=args.overwrite)
+    fingerprint = preflight(pipe, overwrite=args.overwrite)
     from pipeline import report
     from pipeline.ray import run
     from stages.base import StageFailed
@@ -212,7 +212,9 @@ def _run(args, pipe) -> int:
     if args.progress == "ray":
         pipe.config.ray.show_progress = True  # asked for on the command line (not part of the config hash)
     try:
-        manifest = run(pipe, overwrite=args.overwrite, on_progress=printer, quiet=quiet)
+        manifest = run(
+            pipe, overwrite=args.overwrite, on_progress=printer, quiet=quiet, fingerprint=fingerprint
+        )
     except StageFailed as e:
         print(f"error: {pipe.source}: {e} (shards written so far are kept; rerun to resume)", file=sys.stderr)
         return 1

@@ -115,8 +115,9 @@ def missing_packages(pipe: Pipeline) -> None:
                 )
 
 
-def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
-    """Raise ``ConfigError`` (one line) if the run cannot start; read only, writes nothing."""
+def preflight(pipe: Pipeline, overwrite: bool = False) -> list[dict]:
+    """Raise ``ConfigError`` (one line) if the run cannot start; read only, writes nothing. Returns
+    the input's fingerprint (``source_fingerprint``), for the run to check a resumed output with."""
     src = pipe.source
     if not pipe.config.output:
         raise ConfigError(f"{src}: no output: set 'output:' in the file or pass --output")
@@ -129,3 +130,4 @@ def preflight(pipe: Pipeline, overwrite: bool = False) -> None:
         RunDir(pipe.config.output).check(pipe, overwrite=overwrite, fingerprint=fingerprint)
     except OSError as e:
         raise ConfigError(f"{src}: output {pipe.config.output}: cannot open it: {_one_line(e)}") from None
+    return fingerprint

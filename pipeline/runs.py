@@ -147,10 +147,11 @@ class RunDir:
                 )
         return True
 
-    def prepare(self, pipe: Pipeline, overwrite: bool = False) -> bool:
-        """Check the output against the config (``check``), then make it ready. Returns True when
-        resuming a previous run. With ``overwrite``, its shards and run state are deleted first."""
-        resuming = self.check(pipe, overwrite)
+    def prepare(self, pipe: Pipeline, overwrite: bool = False, fingerprint: list[dict] | None = None) -> bool:
+        """Check the output against the config (``check``; ``fingerprint`` as there), then make it ready.
+        Returns True when resuming a previous run. With ``overwrite``, its shards and run state are
+        deleted first."""
+        resuming = self.check(pipe, overwrite, fingerprint=fingerprint)
         if overwrite and self.fs.exists(self.root) and self.fs.ls(self.root, detail=False):
             self.clear()
         self.fs.makedirs(self.state_root, exist_ok=True)

@@ -68,8 +68,11 @@ def find_stage_failure(err: BaseException) -> StageFailed | None:
 
 
 class Executor:
-    def __init__(self, pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False):
+    def __init__(
+        self, pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False, fingerprint=None
+    ):
         self.pipe = pipe
+        self.fingerprint = fingerprint  # the input's, when the caller (preflight) has just computed it
         self.quiet = quiet  # no Ray Data progress or INFO lines (``session.configure_data_context``)
         self.overwrite = overwrite
         self.on_progress = on_progress
@@ -163,7 +166,7 @@ class Executor:
         configure_data_context(self.pipe, quiet=self.quiet)
         self.globals, self.segs = self._segments()
         resources.check(self.pipe.source, self.stages, self.targets, self.segs)
-        self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite)
+        self.resumed = self.rd.prepare(self.pipe, overwrite=self.overwrite, fingerprint=self.fingerprint)
         self.plan: InputPlan = self.rd.input_plan(self.stages[0], self.pipe.config.samples_per_shard)
         done = self.rd.completed_shards(self.plan)
         pending = [s for s in range(self.plan.n_shards) if s not in done]
@@ -258,5 +261,8 @@ class Executor:
                 self.on_progress(snap)
 
 
-def run(pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False) -> dict:
-    return Executor(pipe, overwrite=overwrite, on_progress=on_progress, quiet=quiet).run()
+def run(
+    pipe: Pipeline, overwrite: bool = False, on_progress=None, quiet: bool = False, fingerprint=None
+) -> dict:
+    ex = Executor(pipe, overwrite=overwrite, on_progress=on_progress, quiet=quiet, fingerprint=fingerprint)
+    return ex.run()
