@@ -141,7 +141,9 @@ def map_language(code: str | None, table: dict[str, str]) -> str | None:
 BUILD_LANGUAGES = ("en", "de", "fr", "es", "zh", "ja", "ar", "he")
 
 
-def build(languages: list[str], unigrams: int = 20_000, wordnet_dir: Path = md.WORDNET_DIR) -> dict[str, list[str]]:
+def build(
+    languages: list[str], unigrams: int = 20_000, wordnet_dir: Path = md.WORDNET_DIR
+) -> dict[str, list[str]]:
     """Entry lists per language: English as ``stages.metadata.build`` (its ``unigrams`` count
     capped by ``unigrams``), others ``wordfreq``'s top words, punctuation-only words dropped."""
     out = {}
@@ -158,7 +160,9 @@ def save(per_lang: dict[str, list[str]], out_dir: str | Path) -> Path:
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     for lang, entries in per_lang.items():
-        (d / f"{lang}.json").write_text(json.dumps(entries, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+        (d / f"{lang}.json").write_text(
+            json.dumps(entries, ensure_ascii=False, indent=0) + "\n", encoding="utf-8"
+        )
     return d
 
 

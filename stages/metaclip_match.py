@@ -83,7 +83,9 @@ def can_match(pattern: str) -> bool:
         return False
     last = len(pattern) - 1
     for i, ch in enumerate(pattern):
-        if ch in PUNCT_TO_WRAP and ((i > 0 and pattern[i - 1] != " ") or (i < last and pattern[i + 1] != " ")):
+        if ch in PUNCT_TO_WRAP and (
+            (i > 0 and pattern[i - 1] != " ") or (i < last and pattern[i + 1] != " ")
+        ):
             return False
     return True
 
@@ -208,4 +210,3 @@ def _space_controls(arr: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(
         arr.type, len(arr), [validity, off_buf, pa.py_buffer(spaced)], arr.null_count, arr.offset
     )
-

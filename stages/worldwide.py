@@ -87,33 +87,42 @@ class WorldwideBalanceConfig(StageConfig):
     t: int = Field(20_000, ge=1, description="English threshold t_en; other languages get the t that keeps "
                    "English's tail proportion (see the module docstring).")  # fmt: skip
     tail_p: float | None = Field(
-        None, gt=0, le=1, description="Fix the tail proportion p instead of deriving it from the English counts."
+        None,
+        gt=0,
+        le=1,
+        description="Fix the tail proportion p instead of deriving it from the English counts.",
     )
     seed: int = Field(0, description="Seeds the per-row draws (derived from seed and key), as `balance`.")
     sample: bool = Field(
-        True, description="Draw once here (as `balance`); false: keep every matched row with its `metaclip_p` "
-        "for a trainer that re-samples each epoch (`stages.resample`)."
+        True,
+        description="Draw once here (as `balance`); false: keep every matched row with its `metaclip_p` "
+        "for a trainer that re-samples each epoch (`stages.resample`).",
     )
     text_column: str = Field("caption", description="The text column matched against the metadata.")
     language_column: str | None = Field(
-        None, description="A column with each row's language code (e.g. `language` from `basic_filter` or the "
-        "input); null or a null value: language ID."
+        None,
+        description="A column with each row's language code (e.g. `language` from `basic_filter` or the "
+        "input); null or a null value: language ID.",
     )
     lang_id: str | None = path_field(
-        "fasttext", description="Language ID for rows without a language: as `basic_filter`'s `lang_id` "
-        "(`fasttext`, `py3langid`, a fastText model path); null: none (such rows have no language)."
+        "fasttext",
+        description="Language ID for rows without a language: as `basic_filter`'s `lang_id` "
+        "(`fasttext`, `py3langid`, a fastText model path); null: none (such rows have no language).",
     )
     language_map: dict[str, str] = Field(
-        default_factory=dict, description="Language-ID label -> metadata language, over "
-        "`stages.langmeta.DEFAULT_LANGUAGE_MAP` (e.g. `{yue: zh}`)."
+        default_factory=dict,
+        description="Language-ID label -> metadata language, over "
+        "`stages.langmeta.DEFAULT_LANGUAGE_MAP` (e.g. `{yue: zh}`).",
     )
     other_language: str | None = Field(
-        None, description="Metadata language for rows whose language has no metadata (MetaCLIP 2's merged "
-        "`other`); null: such rows are rejected (`balance:no_language`)."
+        None,
+        description="Metadata language for rows whose language has no metadata (MetaCLIP 2's merged "
+        "`other`); null: such rows are rejected (`balance:no_language`).",
     )
     metaclip1_spacing: list[str] = Field(
-        ["en"], description="Languages matched with MetaCLIP 1's spacing (entries always padded); the others use "
-        "MetaCLIP 2's per-character rule (no padding next to CJK-like characters or punctuation)."
+        ["en"],
+        description="Languages matched with MetaCLIP 1's spacing (entries always padded); the others use "
+        "MetaCLIP 2's per-character rule (no padding next to CJK-like characters or punctuation).",
     )
     batch_size: int = Field(8192, ge=1, description="Rows per `process` call.")
     concurrency: int = Field(1, ge=1, description="Matcher actors (each builds its automatons once).")
@@ -241,12 +250,19 @@ class WorldwideBalance(Stage):
                 a = acc.setdefault(lang, {"num_entries": ls["num_entries"], "metadata_fingerprint":
                                           ls["metadata_fingerprint"], "pool_rows": 0, "matched_rows": 0,
                                           "counts": np.zeros(ls["num_entries"], np.uint64)})  # fmt: skip
-                if (a["num_entries"], a["metadata_fingerprint"]) != (ls["num_entries"], ls["metadata_fingerprint"]):
+                if (a["num_entries"], a["metadata_fingerprint"]) != (
+                    ls["num_entries"],
+                    ls["metadata_fingerprint"],
+                ):
                     raise ValueError(f"balance_worldwide: cannot merge {lang!r} counts of different metadata")
                 if "counts" in ls:
                     a["counts"] += np.asarray(ls["counts"], dtype=np.uint64)
                 else:
-                    np.add.at(a["counts"], np.asarray(ls["entry_ids"], np.int64), np.asarray(ls["entry_counts"], np.uint64))
+                    np.add.at(
+                        a["counts"],
+                        np.asarray(ls["entry_ids"], np.int64),
+                        np.asarray(ls["entry_counts"], np.uint64),
+                    )
                 a["pool_rows"] += int(ls["pool_rows"])
                 a["matched_rows"] += int(ls["matched_rows"])
         for a in acc.values():
@@ -289,7 +305,9 @@ class WorldwideBalance(Stage):
         return {
             "t_en": self.config.t,
             "tail_p": None if p is None else round(float(p), 6),
-            "tail_p_from": "config" if self.config.tail_p is not None else ("english" if p is not None else "none"),
+            "tail_p_from": "config"
+            if self.config.tail_p is not None
+            else ("english" if p is not None else "none"),
             "pool_rows": sum(r["pool_rows"] for r in rows) + int(state.get("no_language_rows", 0)),
             "no_language_rows": int(state.get("no_language_rows", 0)),
             "languages": rows,
@@ -337,9 +355,15 @@ class WorldwideBalance(Stage):
             for r, p in zip(out_rows.tolist(), keep_p[out_rows].tolist()):
                 j = order[offsets[r]]
                 entry = self.meta().entries(langs[r])[ents[j]]
-                reasons[r] = f"sampled out: head entry {entry[:80]!r} (count {int(pair_c[j])}, row keep p={p:.3g})"
-        out = set_status(batch, pa.array(~keep), Status.FILTERED_BALANCE, reasons.tolist(), rule=rules.tolist())
+                reasons[r] = (
+                    f"sampled out: head entry {entry[:80]!r} (count {int(pair_c[j])}, row keep p={p:.3g})"
+                )
+        out = set_status(
+            batch, pa.array(~keep), Status.FILTERED_BALANCE, reasons.tolist(), rule=rules.tolist()
+        )
         out = replace_column(out, "metaclip_language", pa.array(langs, pa.string()))
         list_offsets = pa.array(offsets.astype(np.int32))
-        out = replace_column(out, "metaclip_entries", pa.ListArray.from_arrays(list_offsets, ents.astype(np.int32)))
+        out = replace_column(
+            out, "metaclip_entries", pa.ListArray.from_arrays(list_offsets, ents.astype(np.int32))
+        )
         return replace_column(out, "metaclip_p", pa.array(keep_p, pa.float64()))
