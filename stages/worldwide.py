@@ -310,6 +310,7 @@ class WorldwideBalance(Stage):
             else ("english" if p is not None else "none"),
             "pool_rows": sum(r["pool_rows"] for r in rows) + int(state.get("no_language_rows", 0)),
             "no_language_rows": int(state.get("no_language_rows", 0)),
+            "language_column": "metaclip_language",
             "languages": rows,
         }
 
