@@ -63,6 +63,15 @@ def p_to_t(counts: np.ndarray, p: float) -> int:
     return int(c[int(np.abs(portion - p).argmin())])
 
 
+def dense_counts(ls: dict[str, Any]) -> np.ndarray:
+    """The dense uint64 counts of one language of a state (``counts``, or sparse ids and counts)."""
+    if "counts" in ls:
+        return np.asarray(ls["counts"], dtype=np.uint64)
+    c = np.zeros(int(ls["num_entries"]), dtype=np.uint64)
+    np.add.at(c, np.asarray(ls["entry_ids"], np.int64), np.asarray(ls["entry_counts"], np.uint64))
+    return c
+
+
 def language_thresholds(counts: dict[str, np.ndarray], t_en: int, tail_p: float | None = None):
     """``(p, {lang: t})``: English keeps ``t_en``, others ``max(1, p_to_t(counts, p))``; p from
     ``tail_p`` or the English counts (None when neither: then every language gets ``t_en``)."""
@@ -255,23 +264,18 @@ class WorldwideBalance(Stage):
                     ls["metadata_fingerprint"],
                 ):
                     raise ValueError(f"balance_worldwide: cannot merge {lang!r} counts of different metadata")
-                if "counts" in ls:
-                    a["counts"] += np.asarray(ls["counts"], dtype=np.uint64)
-                else:
-                    np.add.at(
-                        a["counts"],
-                        np.asarray(ls["entry_ids"], np.int64),
-                        np.asarray(ls["entry_counts"], np.uint64),
-                    )
+                a["counts"] += dense_counts(ls)
                 a["pool_rows"] += int(ls["pool_rows"])
                 a["matched_rows"] += int(ls["matched_rows"])
-        for a in acc.values():
-            a["counts"] = a["counts"].tolist()
+        for a in acc.values():  # sparse: most entries of most languages are never matched
+            c = a.pop("counts")
+            nz = np.flatnonzero(c)
+            a["entry_ids"], a["entry_counts"] = nz.tolist(), c[nz].tolist()
         return {"t": self.config.t, "tail_p": self.config.tail_p, "no_language_rows": no_lang,
                 "languages": dict(sorted(acc.items()))}  # fmt: skip
 
     def thresholds(self, state: dict[str, Any]) -> tuple[float | None, dict[str, int]]:
-        counts = {lang: np.asarray(ls["counts"], np.uint64) for lang, ls in state["languages"].items()}
+        counts = {lang: dense_counts(ls) for lang, ls in state["languages"].items()}
         return language_thresholds(counts, self.config.t, self.config.tail_p)
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -280,7 +284,7 @@ class WorldwideBalance(Stage):
             if lang not in meta.languages() or ls["metadata_fingerprint"] != meta.fingerprint(lang):
                 raise ValueError(f"balance_worldwide: the {lang!r} counts were computed with other metadata "
                                  f"than {self.config.metadata!r}")  # fmt: skip
-        self._counts = {lang: np.asarray(ls["counts"], np.uint64) for lang, ls in state["languages"].items()}
+        self._counts = {lang: dense_counts(ls) for lang, ls in state["languages"].items()}
         _, ts = self.thresholds(state)
         self._ts = ts
         self._probs = {lang: entry_probs(c, ts[lang]) for lang, c in self._counts.items()}
@@ -289,7 +293,7 @@ class WorldwideBalance(Stage):
         p, ts = self.thresholds(state)
         rows = []
         for lang, ls in state["languages"].items():
-            c = np.asarray(ls["counts"], np.uint64)
+            c = dense_counts(ls)
             t = ts[lang]
             total = int(c.sum())
             order = np.argsort(-c.astype(np.float64), kind="stable")[:top]

@@ -21,7 +21,7 @@ import pytest
 from stages import langmeta
 from stages import metadata as md
 from stages.balance import Balance
-from stages.worldwide import WorldwideBalance, language_thresholds, p_to_t
+from stages.worldwide import WorldwideBalance, dense_counts, language_thresholds, p_to_t
 from tests.conftest import missing, require_module
 
 REPO = Path(__file__).resolve().parents[2]
@@ -290,7 +290,8 @@ def test_per_language_t_and_kept_share(tmp_path):
     parts = [stage.fit_partial(table.slice(i, 5000)) for i in range(0, table.num_rows, 5000)]
     state = stage.merge(parts[::-1])
     for lang, counts in known.items():
-        assert state["languages"][lang]["counts"] == counts.tolist()
+        assert dense_counts(state["languages"][lang]).tolist() == counts.tolist()
+    assert stage.merge([state, state])["languages"]["de"]["entry_counts"][0] == 2 * known["de"][0]
     p = ref_t_to_p(known["en"], t_en)
     want_t = {lang: (t_en if lang == "en" else int(ref_p_to_t(c, p))) for lang, c in known.items()}
     assert language_thresholds(known, t_en) == (p, want_t)
