@@ -23,9 +23,9 @@ def test_metaclip2_workflow_validates():
     from pipeline import config, plan
 
     steps = plan.check(config.load(REPO / "workflows" / "metaclip2.yaml"))
-    assert [s.name for s in steps] == ["read", "download", "balance_worldwide", "write"]
-    ww = steps[2]
-    assert ww.is_global
+    assert [s.name for s in steps] == ["read", "basic_filter", "download", "balance_worldwide", "write"]
+    ww = steps[3]
+    assert ww.is_global and "language" in ww.requires
     assert set(ww.produces) == {"metaclip_language", "metaclip_entries", "metaclip_p"}
 
 
