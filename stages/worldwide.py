@@ -26,6 +26,10 @@ Parquet and each sample's ``.json``. With ``sample: true`` (default) the stage d
 gives exactly ``balance``'s result). With ``sample: false`` it keeps every matched row and leaves
 the draw to the trainer, which re-samples each epoch with ``stages.resample`` (MetaCLIP 2's online
 curation). Rows with no metadata language get ``filtered_balance`` / ``balance:no_language``.
+
+Language ID inside the stage runs in both passes (fit and apply); at scale, run it once upstream
+(``basic_filter`` with ``english: false`` writes ``language``) and set ``language_column``, as
+``workflows/metaclip2.yaml`` does.
 """
 
 from __future__ import annotations
@@ -206,7 +210,7 @@ class WorldwideBalance(Stage):
         known = set(self.meta().languages())
         out = []
         for v in raw:
-            lang = langmeta.map_language(v, self._map)
+            lang = langmeta.map_language(None if v is None else str(v), self._map)
             if lang is not None and lang not in known:
                 lang = c.other_language if c.other_language in known else None
             out.append(lang)
