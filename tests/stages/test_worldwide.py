@@ -1,5 +1,7 @@
 """Worldwide (MetaCLIP 2) balancing, issue #16: English-only parity with ``balance`` (1), matching
 parity with MetaCLIP 2's algorithm on a multilingual test set (2), per-language thresholds (3).
+The test set: hand-written captions with edge entries, 600 synthetic captions per language from its
+own entries with punctuation, tabs and newlines, and 3,000 real alt-texts of ../shared/data (English).
 
 The reference below is written from MetaCLIP 2's ``metaclip/curation/substr_matching.py`` (its
 ``spacing``, ``is_cjk_or_similar``, ``get_spaced_metadata``, a pyahocorasick automaton, ``iter``)
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from stages import langmeta
@@ -23,6 +26,7 @@ from stages import metadata as md
 from stages.balance import Balance
 from stages.worldwide import WorldwideBalance, dense_counts, language_thresholds, p_to_t
 from tests.conftest import missing, require_module
+from tests.shared_data import shared_data_dir
 
 REPO = Path(__file__).resolve().parents[2]
 LANGS = ("en", "de", "zh", "ja", "ar", "he")
@@ -156,6 +160,9 @@ def multilingual_texts(worldwide_metadata) -> dict[str, list[str | None]]:
     for lang in LANGS:
         entries = meta.entries(lang)[:3000]
         texts[lang] = REAL[lang] + synthetic_texts(entries, 600, rng, lang in ("zh", "ja")) + [None, ""]
+    alt_texts = shared_data_dir() / "alt_texts_8k.parquet"  # real English alt-texts, when present
+    if alt_texts.is_file():
+        texts["en"] += pq.read_table(alt_texts, columns=["caption"]).column("caption").to_pylist()[:3000]
     return texts
 
 
@@ -239,7 +246,7 @@ def test_language_id_when_no_language_column(worldwide_metadata):
 
 
 def test_english_only_equals_metaclip1_balance(worldwide_metadata, multilingual_texts):
-    texts = multilingual_texts["en"] * 8  # repeats make head entries
+    texts = multilingual_texts["en"][:1200] * 3  # hand-written, synthetic and real; repeats make head entries
     table = _table(texts, ["en"] * len(texts))
     ww = WorldwideBalance(
         {"metadata": str(worldwide_metadata), "language_column": "language", "t": 40, "seed": 3}
