@@ -145,6 +145,10 @@ class WorldwideBalanceConfig(StageConfig):
     def _check(self):
         if not self.language_column and not self.lang_id:
             raise ValueError("needs 'language_column' or 'lang_id' (every row needs a language)")
+        if self.lang_id:  # basic_filter's checks: the package installed, the model file there
+            from stages.filters import BasicFilterConfig
+
+            BasicFilterConfig(english=False, lang_id=self.lang_id)
         return self
 
 

@@ -340,3 +340,5 @@ def test_p_to_t_edge_cases():
     assert language_thresholds({"de": np.array([0, 0, 9])}, 7, tail_p=0.001)[1] == {"de": 1}  # t >= 1
     with pytest.raises(ValueError, match="language_column"):
         WorldwideBalance({"metadata": "x", "lang_id": None})
+    with pytest.raises(ValueError, match="no fastText model file"):
+        WorldwideBalance({"metadata": "x", "lang_id": "/nonexistent/lid.176.bin"})
