@@ -18,6 +18,7 @@ STAGES: dict[str, str] = {
     "clip_score": "stages.clip_score:ClipScore",
     "clip_filter": "stages.clip_filter:ClipFilter",
     "balance": "stages.balance:Balance",
+    "balance_worldwide": "stages.worldwide:WorldwideBalance",
     "rewrite": "stages.rewrite:Rewrite",
     "write": "stages.write:Write",
 }

@@ -73,6 +73,9 @@ STAGE_FIELDS: dict[str, pa.DataType] = {
     "language": pa.string(),
     # balance
     "metaclip_entries": pa.list_(pa.int32()),
+    # balance_worldwide (also metaclip_entries: ids within the row's language list)
+    "metaclip_language": pa.string(),
+    "metaclip_p": pa.float64(),
     # rewrite
     "caption_rewrites": pa.list_(pa.string()),
     "rewrite_reason": pa.string(),

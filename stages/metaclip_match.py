@@ -75,13 +75,17 @@ def reference_match(texts: list[str | None], automaton) -> list[list[int]]:
 
 
 def can_match(pattern: str) -> bool:
-    """Whether the spaced entry ``pattern`` (``f" {entry} "``) can be a substring of any spaced
-    text: a spaced text has no tab/CR/LF, and each of its punctuation marks has a space on both
-    sides (it was wrapped, and the text is padded)."""
-    if any(c in pattern for c in CHARS_TO_SPACE):
+    """Whether the spaced entry ``pattern`` (``f" {entry} "``, or MetaCLIP 2's partly padded
+    form, ``stages.langmeta``) can be a substring of any spaced text: a spaced text has no
+    tab/CR/LF, and each of its punctuation marks has a space on both sides (it was wrapped, and
+    the text is padded); at the pattern's own ends the neighbour lies outside it."""
+    if not pattern or any(c in pattern for c in CHARS_TO_SPACE):
         return False
+    last = len(pattern) - 1
     for i, ch in enumerate(pattern):
-        if ch in PUNCT_TO_WRAP and (pattern[i - 1] != " " or pattern[i + 1] != " "):
+        if ch in PUNCT_TO_WRAP and (
+            (i > 0 and pattern[i - 1] != " ") or (i < last and pattern[i + 1] != " ")
+        ):
             return False
     return True
 
@@ -93,17 +97,21 @@ class Matcher:
     a substring"); pyahocorasick's ``add_word`` would keep only the last id of a repeated string.
     """
 
-    def __init__(self, entries: list[str]):
+    def __init__(self, entries: list[str], spaced: list[str] | None = None):
+        """``spaced``: the pattern of each entry (default ``f" {entry} "``, MetaCLIP 1's)."""
         import ahocorasick_rs
 
         self.num_entries = len(entries)
+        if spaced is None:
+            spaced = [f" {entry} " for entry in entries]
+        elif len(spaced) != len(entries):
+            raise ValueError("Matcher: one spaced pattern per entry")
         by_pattern: dict[bytes, list[int]] = {}
-        for idx, entry in enumerate(entries):
-            spaced = f" {entry} "
-            if not can_match(spaced):
+        for idx, pattern in enumerate(spaced):
+            if not can_match(pattern):
                 continue
             try:
-                pat = spaced.encode()
+                pat = pattern.encode()
             except UnicodeEncodeError:  # lone surrogates: not in any Arrow (UTF-8) text
                 continue
             by_pattern.setdefault(pat, []).append(idx)
@@ -202,4 +210,3 @@ def _space_controls(arr: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(
         arr.type, len(arr), [validity, off_buf, pa.py_buffer(spaced)], arr.null_count, arr.offset
     )
-

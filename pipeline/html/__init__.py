@@ -15,6 +15,8 @@ The package knows no stage by name. Sections, in this order (ids are stable for 
   or a global state summary's ``threshold``, drawn on the columns their stage requires or produces;
 * one per global stage whose state summary has ``top_entries``, id = the stage name: entry counts
   before (the fitted ``counts``) and after (the kept rows' entry-id column the stage produces);
+* one per global stage whose state summary lists ``languages``, id ``<stage>-languages``: each
+  language's threshold t, pool, matches, and the rows kept (``languages``);
 * ``labels``: only with the workflow's ``report.label_column``;
 * ``dataset``: statistics of all rows against the kept rows, from the size, caption and language columns
   the rows have (``dataset``);
@@ -28,7 +30,7 @@ The package knows no stage by name. Sections, in this order (ids are stable for 
     build("demo_out/output")  -> "demo_out/output/report.html"
 
 Modules: ``data`` (reading, declarations), ``markup`` (HTML pieces), ``charts`` (matplotlib),
-``sections``, ``timing``, ``dataset``, ``rewrites``, ``samples``, ``page`` (``render``, ``build``).
+``sections``, ``languages``, ``timing``, ``dataset``, ``rewrites``, ``samples``, ``page`` (``render``, ``build``).
 """
 
 from pipeline.html.data import thresholds

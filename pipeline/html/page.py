@@ -12,6 +12,7 @@ from pipeline.html.data import (
     wanted_columns,
 )
 from pipeline.html.dataset import dataset_section
+from pipeline.html.languages import language_columns, language_section, language_stages
 from pipeline.html.markup import CSS, e
 from pipeline.html.rewrites import rewrites_section
 from pipeline.html.samples import rejected, samples
@@ -30,11 +31,12 @@ def render(output: str) -> str:
     stages = stage_entries(manifest)
     order = [s.name for s in stages]
     rc = report_config(manifest)
-    df = load_rows(rd, wanted_columns(manifest, stages, rc))
+    df = load_rows(rd, [*wanted_columns(manifest, stages, rc), *language_columns(manifest, stages)])
     parts = [sections.overview(manifest, df), sections.funnel(manifest, df, order)]
     parts.append(timing_section(manifest, order))
     parts += sections.score_sections(manifest, df, rc)
     parts += [sections.entry_section(rd, manifest, df, s) for s in entry_stages(manifest, stages)]
+    parts += [language_section(manifest, df, s) for s in language_stages(manifest, stages)]
     if rc.label_column:
         parts.append(sections.label_section(df, rc, order))
     parts += [dataset_section(df), rewrites_section(df)]

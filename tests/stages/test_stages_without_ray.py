@@ -23,10 +23,11 @@ CONFIGS = {
     "clip_score": {"model": TOY_CLIP, "batch_size": 16},
     "clip_filter": {"top_fraction": 0.5},
     "balance": {"metadata": str(REPO / "demo" / "assets" / "shapes_metadata.json"), "t": 5},
+    "balance_worldwide": {"language_column": "language", "t": 5},  # metadata: a folder the test makes
     "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
                 "max_new_tokens": 24},
 }
-ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "rewrite"]
+ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "balance_worldwide", "rewrite"]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,12 @@ def test_stages_chain_without_ray(rows, tmp_path):
     assert t.num_rows == 40 and t.column("status").to_pylist() == [OK] * 40
     for name in ORDER:
         cls = registry.get(name)
-        stage = cls(cls.Config(**CONFIGS[name]))
+        cfg = dict(CONFIGS[name])
+        if name == "balance_worldwide":  # per-language metadata: the shapes metadata as English
+            (tmp_path / "langmeta").mkdir()
+            (tmp_path / "langmeta" / "en.json").write_bytes(Path(CONFIGS["balance"]["metadata"]).read_bytes())
+            cfg["metadata"] = str(tmp_path / "langmeta")
+        stage = cls(cls.Config(**cfg))
         stage.setup()
         if stage.is_global:
             stage.load_state(
