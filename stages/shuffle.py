@@ -147,12 +147,10 @@ def run_local(stage: ShuffleStage, blocks: list[pa.Table], n_partitions: int = 4
     """Run a shuffle stage over ``blocks`` (block i is shard i) in one process; the processed blocks.
     The decisions do not depend on ``n_partitions`` (tests vary it)."""
     if stage.has_fit:
+        from stages.reduce import fit_local
+
         cols = [c for c in dict.fromkeys([*stage.fit_columns, "key", "status"])]
-        stage.load_state(
-            stage.merge(
-                [stage.fit_partial(b.select([c for c in cols if c in b.column_names])) for b in blocks]
-            )
-        )
+        fit_local(stage, [b.select([c for c in cols if c in b.column_names]) for b in blocks])
     parts = [partition_block(stage, b, s) for s, b in enumerate(blocks)]
     allp = pa.concat_tables([p for p in parts if p.num_rows]) if any(p.num_rows for p in parts) else None
     found = []
