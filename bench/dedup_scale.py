@@ -155,7 +155,9 @@ def check_kept(result: dict) -> str:
 
     out = Path(result["out"])
     cols = ["key", "url", "sha256", "clip_score", "status", "reason"]
-    t = pa.concat_tables([pq.read_table(p, columns=cols) for p in sorted(out.glob("*.parquet"))]).sort_by("key")
+    t = pa.concat_tables([pq.read_table(p, columns=cols) for p in sorted(out.glob("*.parquet"))]).sort_by(
+        "key"
+    )
     pool = t.set_column(t.column_names.index("status"), "status", pa.array(["ok"] * t.num_rows))
     dups = reference.dedup([pool.select(["key", "url", "sha256", "status"])], by=("url", "sha256"))
     keys = t.column("key").to_pylist()

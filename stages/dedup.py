@@ -95,7 +95,9 @@ class Dedup(ShuffleStage):
 
     def _digest(self, value: Any) -> bytes:
         text = value if isinstance(value, str) else str(value)
-        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=self.config.hash_bytes).digest()
+        return hashlib.blake2b(
+            text.encode("utf-8", "surrogatepass"), digest_size=self.config.hash_bytes
+        ).digest()
 
     # ---- partition -----------------------------------------------------------------------
     def partition_rows(self, batch: pa.Table) -> pa.Table:

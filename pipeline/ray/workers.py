@@ -136,7 +136,9 @@ def ok_rows(table: pa.Table) -> int:
     return int(pc.sum(pc.equal(table.column("status"), OK).fill_null(False).cast(pa.int64())).as_py() or 0)
 
 
-def run_stage(stage, name: str, batch: pa.Table, counter: str | None, decisions_url: str | None = None) -> pa.Table:
+def run_stage(
+    stage, name: str, batch: pa.Table, counter: str | None, decisions_url: str | None = None
+) -> pa.Table:
     t0 = time.perf_counter()
     if decisions_url is not None:  # a shuffle stage: the decisions of this block's shard(s) first
         import pyarrow.compute as pc
@@ -160,9 +162,7 @@ class StageActor:
     """One actor of a stage's pool (subclassed per stage, so Ray names the operator after it). Its
     stage is in the process's cache, torn down once when the process exits (``_teardown_all``)."""
 
-    def __init__(
-        self, name: str, target: str, cfg_json: str, state_url: str | None, counter, decisions_url: str | None = None
-    ):
+    def __init__(self, name: str, target: str, cfg_json: str, state_url, counter, decisions_url=None):
         self.name, self.counter, self.decisions_url = name, counter, decisions_url
         self.stage = build(target, cfg_json, state_url, run=counter)
 
@@ -175,7 +175,7 @@ def actor_class(name: str) -> type:
     return type(_label(name), (StageActor,), {"__module__": __name__})
 
 
-def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter, decisions_url: str | None = None):
+def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter, decisions_url=None):
     def fn(batch: pa.Table) -> pa.Table:
         stage = build(target, cfg_json, state_url, run=counter)
         return run_stage(stage, name, batch, counter, decisions_url)
@@ -219,9 +219,7 @@ class FitPartial:
     As an actor it builds the stage once; as a plain callable (task) it uses the per-process cache.
     ``state_url``: the previous round's state (rounds after the first, ``fit_rounds``)."""
 
-    def __init__(
-        self, target: str, cfg_json: str, setup: bool = True, state_url: str | None = None, run: str | None = None
-    ):
+    def __init__(self, target: str, cfg_json: str, setup: bool = True, state_url=None, run=None):
         self.target, self.cfg_json, self.state_url, self.run = target, cfg_json, state_url, run
         self.stage = build(target, cfg_json, state_url, run=run) if setup else None
 

@@ -87,7 +87,9 @@ def _expected(table: pa.Table, keys: list[str]) -> dict[str, tuple]:
     """The driver-merge dedup, then DataComp's rule over the rows it keeps (as clip_filter had it)."""
     from stages.clip_filter import _why, datacomp_threshold
 
-    rows = conform(table.append_column("key", pa.array(keys)).append_column("status", pa.array(["ok"] * len(keys))))
+    rows = conform(
+        table.append_column("key", pa.array(keys)).append_column("status", pa.array(["ok"] * len(keys)))
+    )
     dups = reference.dedup([rows], by=("url", "sha256"))
     out = {k: ("duplicate", r, f"duplicate:{r.split()[0].split(':')[1]}") for k, r in dups.items()}
     pool = [(k, s) for k, s in zip(keys, table.column("clip_score").to_pylist()) if k not in dups]
@@ -163,7 +165,9 @@ def test_killed_during_the_shuffle_then_rerun_writes_the_clean_bytes(ray_session
             if (base / "parts").is_dir() and any((base / "parts").iterdir()):
                 break
             time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, (
+            "the run ended before it could be killed: " + proc.stderr.read().decode()[-2000:]
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

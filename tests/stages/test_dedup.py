@@ -90,7 +90,9 @@ def test_keeps_smallest_key_whatever_the_partitions(seed):
             continue
         assert r["reason"] == want[r["key"]], r["key"]
         assert r["status"] == ("duplicate" if want[r["key"]] else "ok")
-        assert r["rule"] == (f"duplicate:{want[r['key']].split()[0].split(':')[1]}" if want[r["key"]] else None)
+        assert r["rule"] == (
+            f"duplicate:{want[r['key']].split()[0].split(':')[1]}" if want[r["key"]] else None
+        )
     # Spot checks against the construction of make_rows.
     by_key = {r["key"]: r for r in out}
     assert by_key["000000013"]["reason"] == "dedup:url duplicate of key 000000000"
@@ -146,7 +148,9 @@ def test_numeric_key_order_and_config():
     assert [r["status"] for r in out] == ["duplicate", "ok", "duplicate"]
     assert out[0]["reason"] == out[2]["reason"] == "dedup:url duplicate of key 99"
     stage = Dedup(DedupConfig(by=["sha256"], hash_bytes=16))
-    parts = stage.partition_rows(conform(pa.Table.from_pylist([{"key": "1", "sha256": sha(b"x"), "status": "ok"}])))
+    parts = stage.partition_rows(
+        conform(pa.Table.from_pylist([{"key": "1", "sha256": sha(b"x"), "status": "ok"}]))
+    )
     assert parts.column("h").type == pa.binary(16)
     with pytest.raises(ConfigError, match="each once"):
         from_dict({"stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": []}}]})
@@ -157,7 +161,9 @@ def test_numeric_key_order_and_config():
 def test_plan_refuses_a_column_nothing_makes():
     from pipeline import plan
 
-    raw = {"stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": ["caption", "phash"]}}, {"write": {}}]}
+    raw = {
+        "stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": ["caption", "phash"]}}, {"write": {}}]
+    }
     with pytest.raises(ConfigError, match=r"stages\[1\] \(dedup\): requires column 'phash'") as e:
         plan.check(from_dict(raw, source="w.yaml"))
     assert "\n" not in str(e.value)
