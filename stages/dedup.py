@@ -158,6 +158,15 @@ class Dedup(ShuffleStage):
             ranks=rank[dup].tolist(),
         )
 
+    def group_summary(self, group: pa.Table, decided: pa.Table) -> dict[str, Any]:
+        """Distinct values per field in this partition (a value lives in one partition only)."""
+        out = {}
+        rank = group.column("rank")
+        for i, field in enumerate(self.config.by):
+            h = group.column("h").filter(pc.equal(rank, i))
+            out[f"unique_{field}"] = int(pc.count_distinct(h).as_py()) if len(h) else 0
+        return out
+
     def decision_summary(self, table: pa.Table) -> dict[str, Any]:
         out = {"flagged": table.num_rows}
         for field in self.config.by:

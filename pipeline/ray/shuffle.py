@@ -11,7 +11,8 @@ the completion marker, written last):
   decisions sorted by shard, one row group per shard.
 * ``decisions/shard-SSSSS.parquet``: one task per shard reads its row groups of every ``decided``
   file, merges them (``merge_decisions``) and writes them (an empty table when it has none); it
-  returns the stage's ``decision_summary``, which the driver sums into the manifest.
+  returns the stage's ``decision_summary``; the driver sums these and the decide tasks'
+  ``group_summary`` into the manifest (``add_summary``).
 
 Every file is written atomically. The driver only submits tasks and sums small summaries. A run
 killed before the marker is written recomputes the whole shuffle on the next run (the folders are
@@ -38,7 +39,7 @@ import ray
 
 from schemas.row import SHARD_COL
 from stages.io import atomic_write_bytes
-from stages.shuffle import DECISIONS, PART, merge_decisions, partition_block
+from stages.shuffle import DECISIONS, PART, add_summary, merge_decisions, partition_block
 
 log = logging.getLogger("clipcurate")
 
@@ -121,16 +122,17 @@ def _partition(target, cfg_json, fit_url, run, spill_url, columns, shard, bucket
 
 
 @ray.remote(num_cpus=1)
-def _decide(target, cfg_json, fit_url, run, parts_url, n_shards, bucket, out_url) -> int:
+def _decide(target, cfg_json, fit_url, run, parts_url, n_shards, bucket, out_url) -> dict:
     stage = _build(target, cfg_json, fit_url, run)
     urls = (_numbered(parts_url, s) for s in range(n_shards))
     found = [t for t in (_read_groups(u, BUCKET, bucket) for u in urls) if t is not None and t.num_rows]
-    out = DECISIONS.empty_table()
+    out, summary = DECISIONS.empty_table(), {}
     if found:
         group = pa.concat_tables(found).drop_columns([BUCKET])
         out = stage.decide(group).select(DECISIONS.names).cast(DECISIONS)
+        summary = stage.group_summary(group, out)
     _write(out_url, out, SHARD_COL)
-    return out.num_rows
+    return summary
 
 
 @ray.remote(num_cpus=1)
@@ -140,12 +142,6 @@ def _gather(target, cfg_json, fit_url, run, decided_url, n_buckets, shard, out_u
     merged = merge_decisions([t for t in found if t is not None])
     _write(out_url, merged)
     return stage.decision_summary(merged)
-
-
-def _add(total: dict, part: dict) -> dict:
-    for k, v in part.items():
-        total[k] = total.get(k, 0) + v if isinstance(v, int | float) else v
-    return total
 
 
 def _run_all(refs: list, on_result=None) -> None:
@@ -212,13 +208,14 @@ class ShuffleRun:
                 for s in range(n)
             ]
         )
+        summary: dict = {}
         _run_all(
             [
                 _decide.options(name=f"decide_{name}").remote(*common, parts, n, b, _numbered(decided, b))
                 for b in range(nb)
-            ]
+            ],
+            lambda r: add_summary(summary, r),
         )
-        summary: dict = {}
         _run_all(
             [
                 _gather.options(name=f"decisions_{name}").remote(
@@ -226,7 +223,7 @@ class ShuffleRun:
                 )
                 for s in range(n)
             ],
-            lambda r: _add(summary, r),
+            lambda r: add_summary(summary, r),
         )
         ex.fits.seconds[name] = ex.fits.seconds.get(name, 0.0) + time.perf_counter() - t0
         return summary

@@ -124,10 +124,16 @@ def test_same_rows_as_the_driver_merge_whatever_the_split(ray_session, pool, tmp
     keys = sorted(got)  # read's keys follow the input order
     want = _expected(table, keys)
     assert got == want
+    flagged = sum(v[0] == "duplicate" for v in want.values())
+    assert 0 < flagged < N - 3
+    top = max(table.column("clip_score").to_pylist())
+    assert manifest["global_state"]["score_band_dedup"] == {"max": top, "flagged": flagged}
     n_dup = sum(v[0] == "duplicate" for v in want.values())
     assert 0 < n_dup < N and manifest["status_counts"]["duplicate"] == n_dup
     summary = manifest["global_state"]["dedup"]
     assert summary["flagged"] == n_dup == summary["duplicate_url"] + summary["duplicate_sha256"]
+    assert summary["unique_url"] == len(set(table.column("url").to_pylist()))
+    assert summary["unique_sha256"] == len(set(table.column("sha256").to_pylist()))
     marker = out / "_clipcurate" / "state" / "01_dedup.json"
     assert marker.is_file() and (out / "_clipcurate" / "state" / "01_dedup" / "decisions").is_dir()
     assert not (out / "_clipcurate" / "state" / "01_dedup" / "parts").exists(), "shuffle files removed"
@@ -183,3 +189,29 @@ def test_killed_during_the_shuffle_then_rerun_writes_the_clean_bytes(ray_session
     assert manifest["resumed"] is True
     assert _files(killed) == _files(tmp_path / "clean")
     assert not [p for p in killed.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_shuffle_stage_with_a_reduce_step_plugged_in(ray_session, pool, tmp_path):
+    """``tests.plugins:ScoreBandDedup`` (no edit in ``pipeline/``): its fit runs first, its state is
+    persisted beside the decisions (``NN_name/fit.json``) and loaded by the shuffle's tasks; the rows
+    equal ``run_local``'s over the same shards."""
+    from stages.shuffle import run_local
+    from tests.plugins import ScoreBandDedup, ScoreBandDedupConfig
+
+    path, table = pool
+    wf = _workflow(path, 200)
+    wf["stages"][1:3] = [{"tests.plugins:ScoreBandDedup": {"bands": 7}}]
+    out = tmp_path / "out"
+    manifest = _run(wf, out)
+    got = _result(out)
+    assert (out / "_clipcurate" / "state" / "01_score_band_dedup" / "fit.json").is_file()
+    keys = sorted(got)
+    rows = conform(table.append_column("key", pa.array(keys)).append_column("status", pa.array(["ok"] * N)))
+    blocks = [rows.slice(a, 200) for a in range(0, N, 200)]
+    local = run_local(ScoreBandDedup(ScoreBandDedupConfig(bands=7)), blocks, n_partitions=3)
+    want = {r["key"]: (r["status"], r["reason"], r["rule"]) for b in local for r in b.to_pylist()}
+    assert got == want
+    flagged = sum(v[0] == "duplicate" for v in want.values())
+    assert 0 < flagged < N - 3
+    top = max(table.column("clip_score").to_pylist())
+    assert manifest["global_state"]["score_band_dedup"] == {"max": top, "flagged": flagged}

@@ -136,6 +136,14 @@ def test_any_column_and_summary():
     assert len(flagged) == 40 - 1 - 5  # five captions, one kept each (row 1 is not ok)
     table = merge_decisions([stage.decide(partition_block(stage, conform(pa.Table.from_pylist(rows)), 0))])
     assert stage.decision_summary(table) == {"flagged": 34, "duplicate_caption": 34, "duplicate_url": 0}
+    urls = {r["url"] for r in rows if r["status"] == "ok" and r["url"]}
+    assert stage.summary == {  # what the manifest shows: per partition and per shard counts, summed
+        "unique_caption": 5,
+        "unique_url": len(urls),
+        "flagged": 34,
+        "duplicate_caption": 34,
+        "duplicate_url": 0,
+    }
 
 
 def test_numeric_key_order_and_config():
