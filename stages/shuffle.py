@@ -182,10 +182,10 @@ def run_local(stage: ShuffleStage, blocks: list[pa.Table], n_partitions: int = 4
                 found.append(stage.decide(group))
                 add_summary(stage.summary, stage.group_summary(group, found[-1]))
     merged = merge_decisions(found)
-    for s in range(len(blocks)):
-        add_summary(stage.summary, stage.decision_summary(merged.filter(pc.equal(merged.column(SHARD_COL), s))))
     out = []
     for s, b in enumerate(blocks):
-        stage.load_decisions(merged.filter(pc.equal(merged.column(SHARD_COL), s)))
+        mine = merged.filter(pc.equal(merged.column(SHARD_COL), s))
+        add_summary(stage.summary, stage.decision_summary(mine))
+        stage.load_decisions(mine)
         out.append(stage(b))
     return out
