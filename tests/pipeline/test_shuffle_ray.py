@@ -124,10 +124,6 @@ def test_same_rows_as_the_driver_merge_whatever_the_split(ray_session, pool, tmp
     keys = sorted(got)  # read's keys follow the input order
     want = _expected(table, keys)
     assert got == want
-    flagged = sum(v[0] == "duplicate" for v in want.values())
-    assert 0 < flagged < N - 3
-    top = max(table.column("clip_score").to_pylist())
-    assert manifest["global_state"]["score_band_dedup"] == {"max": top, "flagged": flagged}
     n_dup = sum(v[0] == "duplicate" for v in want.values())
     assert 0 < n_dup < N and manifest["status_counts"]["duplicate"] == n_dup
     summary = manifest["global_state"]["dedup"]
@@ -213,5 +209,5 @@ def test_a_shuffle_stage_with_a_reduce_step_plugged_in(ray_session, pool, tmp_pa
     assert got == want
     flagged = sum(v[0] == "duplicate" for v in want.values())
     assert 0 < flagged < N - 3
-    top = max(table.column("clip_score").to_pylist())
+    top = max(rows.column("clip_score").to_pylist())  # as the rows carry it (float32, schemas/)
     assert manifest["global_state"]["score_band_dedup"] == {"max": top, "flagged": flagged}
