@@ -84,7 +84,22 @@ def workflow(pool: Path, out: Path, cpus: int, spp: int) -> dict:
 def child(spec_path: str) -> None:
     import logging
 
-    logging.basicConfig(level=logging.WARNING)
+    if os.environ.get("DEDUP_SCALE_TIMELINE"):  # where the driver's memory goes: RSS next to the log
+        import psutil
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)8.0f ms %(message)s")
+
+        def tick():
+            me = psutil.Process()
+            t0 = time.perf_counter()
+            while True:
+                print(f"{(time.perf_counter() - t0) * 1000:8.0f} ms RSS {me.memory_info().rss >> 20} MiB",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                time.sleep(0.5)
+
+        threading.Thread(target=tick, daemon=True).start()
+    else:
+        logging.basicConfig(level=logging.WARNING)
     from pipeline import config, plan
     from pipeline import ray as executor
 
@@ -137,6 +152,7 @@ def run_child(work: Path, n: int, cpus: int, spp: int) -> dict:
     stdout, stderr = proc.communicate()
     sampler.stop.set()
     sampler.join()
+    (work / f"child_{n}.log").write_text(stderr)
     if proc.returncode != 0:
         raise SystemExit(f"run of {n} rows failed:\n{stderr[-4000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
