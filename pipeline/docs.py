@@ -141,6 +141,8 @@ def stage_reference() -> str:
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
         doc = " ".join(doc.split())
         kind = "global (fit over the whole pool first)" if cls.is_global else "per batch"
+        if getattr(cls, "shuffle", False):
+            kind = "global, shuffle (rows hash-partitioned by the compared key, decided per partition)"
         parts.append(f"#### `{name}` ({kind})\n\n{doc}\n")
         if cls.requires:
             parts.append(f"Requires: {', '.join(f'`{c}`' for c in cls.requires)}. ")

@@ -20,16 +20,26 @@ Rules every stage follows (enforced here, so stage code stays small):
   still raises becomes ``stage_error`` with the exception as its reason. Bad rows never kill
   a run.
 
-Global stages (``is_global = True``) need statistics over the whole pool before they can
-decide about a row. They add three methods:
+Global stages (``is_global = True``) need the whole pool before they can decide about a row. They
+are of two kinds:
 
-* ``fit_columns``: the columns ``fit_partial`` reads (the executor reads only those).
-* ``fit_partial(table) -> state``: small picklable state for one batch (counts, scores...).
-* ``merge(states) -> state``: combine partial states; must be associative and order-free.
-* ``load_state(state)``: install the merged state before ``__call__``.
+* *Reduce* stages (``balance``, ``clip_filter``) keep a small mergeable state:
 
-The executor computes the state with Ray before the apply pass and persists it as JSON in the
-run directory, so a resumed run reuses it.
+  * ``fit_columns``: the columns ``fit_partial`` reads (the executor reads only those).
+  * ``fit_partial(table) -> state``: small picklable state for one batch (counts, a histogram...).
+  * ``merge(states) -> state``: combine partial states; must be associative and order-free.
+  * ``load_state(state)``: install the merged state before ``__call__``.
+  * optional ``combine(partials) -> partial`` (the executor folds partials as they arrive, so the
+    driver holds one, not one per shard) and ``fit_rounds`` (> 1: each later round of
+    ``fit_partial``/``merge`` runs on a stage that loaded the previous round's state; ``clip_filter``
+    refines its cut that way). ``stages.reduce.fit_local`` fits one in one process.
+
+  The executor computes the state with Ray before the apply pass and persists it as JSON in the
+  run directory, so a resumed run reuses it.
+* *Shuffle* stages (``dedup``; ``stages.shuffle.ShuffleStage``) compare rows with each other: rows
+  are hash-partitioned by the key they are compared on, each partition decides, and each shard gets
+  its own decision list (``partition_rows``, ``decide``, ``load_decisions``); no process holds state
+  that grows with the pool. ``stages.shuffle.run_local`` runs one in one process.
 
 What a stage declares (the executor and the planner read only these; ``pipeline/`` never names a
 stage):
@@ -231,6 +241,7 @@ class Declared:
 class Stage(Declared):
     Config: ClassVar[type[StageConfig]] = StageConfig
     fit_columns: ClassVar[tuple[str, ...]] = ()
+    fit_rounds: ClassVar[int] = 1  # reduce stages: rounds of fit_partial/merge (see the module doc)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

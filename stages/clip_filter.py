@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from schemas import OK, Status
+from stages import score_sketch as sketch_mod
 from stages.base import RoleConfig, Stage, StageConfig, set_status
 
 DEFAULT_COLUMN = "clip_score"
@@ -212,37 +213,39 @@ class ClipFilter(Stage):
     def fit_columns(self) -> tuple[str, ...]:  # type: ignore[override] - depends on the config
         return self.required_columns()
 
-    # ---- fit -----------------------------------------------------------------------------
+    # ---- fit (a reduce in two rounds; see ``stages.score_sketch``) ----------------------------
+    @property
+    def fit_rounds(self) -> int:  # type: ignore[override] - depends on the config
+        """Two rounds when a rule has ``top_fraction`` (sketch, then the rows near the cut); else one."""
+        return 2 if any(r.top_fraction is not None for r in self.config.rule_list()) else 1
+
     def fit_partial(self, batch: pa.Table) -> dict[str, Any]:
-        """Per rule column, the float64 scores of the batch's ``ok`` rows (NaN where NaN or missing,
-        aligned across columns) and the count of missing ones."""
+        """Round 1: counts and a histogram per ``top_fraction`` column; round 2 (the sketch loaded):
+        counts of the rows decided by the sketch and the scores in each rule's bracket bin."""
         ok = pc.equal(batch.column("status"), OK).fill_null(False)
         rows = batch.filter(ok)
-        state: dict[str, Any] = {"values": {}, "missing": {}}
-        for col in self.required_columns():
-            vals, null = as_float(rows, col)
-            state["values"][col] = vals
-            state["missing"][col] = int(null.sum())
-        return state
+        cols = {c: as_float(rows, c) for c in self.required_columns()}
+        sketch = getattr(self, "_state", None)
+        if sketch is not None and sketch.get("round") == 1:
+            return sketch_mod.refine_partial(sketch["rules"], cols)
+        rules = [r.model_dump() for r in self.config.rule_list()]
+        return sketch_mod.first_partial(rules, cols, self.fit_rounds == 1)
+
+    def combine(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
+        """Partials of one round folded into one (the executor folds them as they arrive)."""
+        return sketch_mod.combine(partials)
 
     def merge(self, states: list[dict[str, Any]]) -> dict[str, Any]:
-        cols = self.required_columns()
-        values = {c: np.concatenate([np.empty(0), *(s["values"][c] for s in states)]) for c in cols}
-        missing = {c: sum(s["missing"][c] for s in states) for c in cols}
-        n = len(values[cols[0]])
-        kept = np.ones(n, dtype=bool)
-        rules = []
-        for r in self.config.rule_list():
-            vals = values[r.column]
-            thr = datacomp_threshold(vals, r.top_fraction) if r.top_fraction is not None else None
-            rule = {**r.model_dump(), "threshold": thr}
-            passes = _passes(vals, rule)
-            kept &= passes
-            n_nan = int(np.isnan(vals).sum()) - missing[r.column]
-            rules.append({**rule, "n_nan": n_nan, "n_missing": missing[r.column], "kept": int(passes.sum())})
-        state: dict[str, Any] = {"n": n, "kept": int(kept.sum()), "rules": rules}
-        if len(rules) == 1 and rules[0]["column"] in self.requires:
-            state.update({k: rules[0][k] for k in ("threshold", "top_fraction", "min_score")})
+        rules = [r.model_dump() for r in self.config.rule_list()]
+        sketch = getattr(self, "_state", None)
+        if self.fit_rounds == 2 and (sketch is None or sketch.get("round") != 1):
+            return sketch_mod.first_merge(rules, sketch_mod.combine(states))
+        if self.fit_rounds == 2:
+            state = sketch_mod.final_merge(sketch, sketch_mod.combine(states))
+        else:
+            state = sketch_mod.plain_merge(rules, sketch_mod.combine(states))
+        if len(state["rules"]) == 1 and state["rules"][0]["column"] in self.requires:
+            state.update({k: state["rules"][0][k] for k in ("threshold", "top_fraction", "min_score")})
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:

@@ -119,6 +119,11 @@ class ShuffleStage(Stage):
         """Small per-shard statistics of the decisions, summed over shards into the manifest."""
         return {"flagged": table.num_rows}
 
+    def group_summary(self, group: pa.Table, decided: pa.Table) -> dict[str, Any]:
+        """Small statistics of one ``decide`` call (its partition rows and decisions), summed over
+        partitions into the manifest (numbers add; dicts of numbers add per key, e.g. a histogram)."""
+        return {}
+
     def process(self, batch: pa.Table) -> pa.Table:
         found = getattr(self, "_decisions", None)
         if found is None:
@@ -136,6 +141,18 @@ class ShuffleStage(Stage):
         return batch
 
 
+def add_summary(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """Add summary ``part`` into ``total``: numbers add, dicts add per key, other values replace."""
+    for k, v in part.items():
+        if isinstance(v, dict):
+            add_summary(total.setdefault(k, {}), v)
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            total[k] = total.get(k, 0) + v
+        else:
+            total[k] = v
+    return total
+
+
 def partition_block(stage: ShuffleStage, block: pa.Table, shard: int) -> pa.Table:
     """``partition_rows`` of the ``ok`` rows of one block, with its shard added."""
     ok = block.filter(pc.equal(block.column("status"), OK).fill_null(False))
@@ -145,17 +162,17 @@ def partition_block(stage: ShuffleStage, block: pa.Table, shard: int) -> pa.Tabl
 
 def run_local(stage: ShuffleStage, blocks: list[pa.Table], n_partitions: int = 4) -> list[pa.Table]:
     """Run a shuffle stage over ``blocks`` (block i is shard i) in one process; the processed blocks.
-    The decisions do not depend on ``n_partitions`` (tests vary it)."""
+    The decisions do not depend on ``n_partitions`` (tests vary it). ``stage.summary`` is then what
+    the manifest would show (``group_summary`` and ``decision_summary`` summed)."""
     if stage.has_fit:
+        from stages.reduce import fit_local
+
         cols = [c for c in dict.fromkeys([*stage.fit_columns, "key", "status"])]
-        stage.load_state(
-            stage.merge(
-                [stage.fit_partial(b.select([c for c in cols if c in b.column_names])) for b in blocks]
-            )
-        )
+        fit_local(stage, [b.select([c for c in cols if c in b.column_names]) for b in blocks])
     parts = [partition_block(stage, b, s) for s, b in enumerate(blocks)]
     allp = pa.concat_tables([p for p in parts if p.num_rows]) if any(p.num_rows for p in parts) else None
     found = []
+    stage.summary = {}
     if allp is not None:
         bucket = pc.bit_wise_and(allp.column(PART).cast(pa.uint64()), pa.scalar(2**63 - 1, pa.uint64()))
         bucket = pc.cast(bucket, pa.int64()).to_numpy() % n_partitions
@@ -163,9 +180,12 @@ def run_local(stage: ShuffleStage, blocks: list[pa.Table], n_partitions: int = 4
             group = allp.filter(pa.array(bucket == b))
             if group.num_rows:
                 found.append(stage.decide(group))
+                add_summary(stage.summary, stage.group_summary(group, found[-1]))
     merged = merge_decisions(found)
     out = []
     for s, b in enumerate(blocks):
-        stage.load_decisions(merged.filter(pc.equal(merged.column(SHARD_COL), s)))
+        mine = merged.filter(pc.equal(merged.column(SHARD_COL), s))
+        add_summary(stage.summary, stage.decision_summary(mine))
+        stage.load_decisions(mine)
         out.append(stage(b))
     return out

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from stages.base import ComputeConfig, Resources, Stage, StageConfig, replace_column, set_status
+from stages.shuffle import PART, ShuffleStage, decisions
 
 
 class CaptionLengthConfig(StageConfig):
@@ -89,3 +90,56 @@ class Broken(Stage):
                 if key.startswith(c.fail_shard_prefix) and int(key) % c.fail_every == 0:
                     raise KeyError(f"template field 'caption_en' missing (key {key})")
         return batch
+
+
+class ScoreBandDedupConfig(StageConfig):
+    column: str = Field("clip_score", description="The score column.")
+    bands: int = Field(10, ge=1, description="Scores are cut into this many bands of [0, max].")
+
+
+class ScoreBandDedup(ShuffleStage):
+    """A shuffle stage with a reduce step (``has_fit``), as SemDeDup's k-means before its shuffle:
+    the fit finds the pool's largest score; rows whose score falls in the same band of ``[0, max]``
+    are duplicates of the band's smallest key."""
+
+    name = "score_band_dedup"
+    Config = ScoreBandDedupConfig
+    has_fit = True
+
+    def required_columns(self) -> tuple[str, ...]:
+        return ("key", self.config.column)
+
+    @property
+    def fit_columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.config.column,)
+
+    @property
+    def partition_columns(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (self.config.column,)
+
+    def fit_partial(self, batch: pa.Table) -> float:
+        ok = batch.filter(pc.equal(batch.column("status"), "ok"))
+        return float(pc.max(ok.column(self.config.column)).as_py() or 0.0)
+
+    def merge(self, states: list[float]) -> dict:
+        return {"max": max(states, default=0.0)}
+
+    def load_state(self, state: dict) -> None:
+        self._max = state["max"]
+
+    def state_summary(self, state: dict) -> dict:
+        return {"max": state["max"]}
+
+    def partition_rows(self, batch: pa.Table) -> pa.Table:
+        scores = batch.column(self.config.column).to_pylist()
+        band = [min(int(s / self._max * self.config.bands), self.config.bands - 1) for s in scores]
+        return pa.table({PART: pa.array(band, pa.uint64()), "key": batch.column("key"), "band": band})
+
+    def decide(self, group: pa.Table) -> pa.Table:
+        first: dict[int, str] = {}
+        for k, b in sorted(zip(group.column("key").to_pylist(), group.column("band").to_pylist())):
+            first.setdefault(b, k)
+        keys, bands = group.column("key").to_pylist(), group.column("band").to_pylist()
+        idx = [i for i, (k, b) in enumerate(zip(keys, bands)) if first[b] != k]
+        reasons = [f"score_band_dedup: band {bands[i]} of key {first[bands[i]]}" for i in idx]
+        return decisions(group, idx, reasons, "duplicate:score_band")

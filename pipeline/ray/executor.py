@@ -128,6 +128,7 @@ class Executor:
                 continue
             res = stage.resources()
             args = (stage.name, self.targets[i], self.cfg_json[i], self.fits.state_url(i), self.counter)
+            args += (self.fits.decisions_url(i),)
             common = dict(batch_size=None, batch_format="pyarrow", zero_copy_batch=False, num_cpus=res.num_cpus)
             if res.num_gpus:
                 common["num_gpus"] = res.num_gpus

@@ -20,6 +20,7 @@ import ray
 
 from pipeline import registry
 from schemas import OK
+from schemas.row import SHARD_COL
 
 # ---- per-process cache of built stages ---------------------------------------------------------------
 
@@ -135,8 +136,17 @@ def ok_rows(table: pa.Table) -> int:
     return int(pc.sum(pc.equal(table.column("status"), OK).fill_null(False).cast(pa.int64())).as_py() or 0)
 
 
-def run_stage(stage, name: str, batch: pa.Table, counter: str | None) -> pa.Table:
+def run_stage(
+    stage, name: str, batch: pa.Table, counter: str | None, decisions_url: str | None = None
+) -> pa.Table:
     t0 = time.perf_counter()
+    if decisions_url is not None:  # a shuffle stage: the decisions of this block's shard(s) first
+        import pyarrow.compute as pc
+
+        from pipeline.ray.shuffle import load_shard_decisions
+
+        shards = [int(s) for s in pc.unique(batch.column(SHARD_COL)).to_pylist()]
+        load_shard_decisions(stage, decisions_url, shards)
     processed = ok_rows(batch)
     out = stage(batch)
     h = counter_handle(counter)
@@ -152,12 +162,12 @@ class StageActor:
     """One actor of a stage's pool (subclassed per stage, so Ray names the operator after it). Its
     stage is in the process's cache, torn down once when the process exits (``_teardown_all``)."""
 
-    def __init__(self, name: str, target: str, cfg_json: str, state_url: str | None, counter):
-        self.name, self.counter = name, counter
+    def __init__(self, name: str, target: str, cfg_json: str, state_url, counter, decisions_url=None):
+        self.name, self.counter, self.decisions_url = name, counter, decisions_url
         self.stage = build(target, cfg_json, state_url, run=counter)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_stage(self.stage, self.name, batch, self.counter)
+        return run_stage(self.stage, self.name, batch, self.counter, self.decisions_url)
 
 
 def actor_class(name: str) -> type:
@@ -165,9 +175,10 @@ def actor_class(name: str) -> type:
     return type(_label(name), (StageActor,), {"__module__": __name__})
 
 
-def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter):
+def task_fn(name: str, target: str, cfg_json: str, state_url: str | None, counter, decisions_url=None):
     def fn(batch: pa.Table) -> pa.Table:
-        return run_stage(build(target, cfg_json, state_url, run=counter), name, batch, counter)
+        stage = build(target, cfg_json, state_url, run=counter)
+        return run_stage(stage, name, batch, counter, decisions_url)
 
     fn.__name__ = fn.__qualname__ = _label(name)
     return fn
@@ -205,16 +216,17 @@ def spill_load_fn(label: str, paths: dict[int, str], columns: list[str] | None):
 
 class FitPartial:
     """``fit_partial`` of a global stage over one block; the pickled partial comes back as one row.
-    As an actor it builds the stage once; as a plain callable (task) it uses the per-process cache."""
+    As an actor it builds the stage once; as a plain callable (task) it uses the per-process cache.
+    ``state_url``: the previous round's state (rounds after the first, ``fit_rounds``)."""
 
-    def __init__(self, target: str, cfg_json: str, setup: bool = True):
-        self.target, self.cfg_json = target, cfg_json
-        self.stage = build(target, cfg_json) if setup else None
+    def __init__(self, target: str, cfg_json: str, setup: bool = True, state_url=None, run=None):
+        self.target, self.cfg_json, self.state_url, self.run = target, cfg_json, state_url, run
+        self.stage = build(target, cfg_json, state_url, run=run) if setup else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pickle
 
-        stage = self.stage or build(self.target, self.cfg_json)
+        stage = self.stage or build(self.target, self.cfg_json, self.state_url, run=self.run)
         return pa.table({"p": pa.array([pickle.dumps(stage.fit_partial(batch))], pa.binary())})
 
 

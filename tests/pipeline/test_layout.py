@@ -118,7 +118,12 @@ def test_stage_contract(name):
     assert len(set(cls.produces)) == len(cls.produces), f"{name}: a column declared twice"
     for col in cls.produces:
         assert isinstance(STAGE_FIELDS.get(col), pa.DataType), f"{name}: {col!r} is not a STAGE_FIELDS column"
-    if cls.is_global:
+    if getattr(cls, "shuffle", False):  # a shuffle stage (stages.shuffle), maybe with a reduce step
+        from stages.shuffle import ShuffleStage
+
+        for m in ("partition_rows", "decide"):
+            assert getattr(cls, m) is not getattr(ShuffleStage, m), f"shuffle stage {name} must implement {m}"
+    if cls.is_global and (not getattr(cls, "shuffle", False) or cls.has_fit):
         for m in ("fit_partial", "merge", "load_state"):
             assert getattr(cls, m) is not getattr(Stage, m), f"global stage {name} must implement {m}"
 

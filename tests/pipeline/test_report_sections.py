@@ -29,6 +29,7 @@ from pipeline import html as report_html
 from pipeline import registry
 from schemas import OK
 from schemas.row import SHARD_COL
+from stages.reduce import fit_local
 from stages.roles import SinkContext
 from stages.thumbnails import PER_RULE, THUMBNAIL_PX
 
@@ -99,7 +100,7 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
     cf = registry.get("clip_filter")(STAGES[2]["clip_filter"])
     shards = [table.slice(s * PER_SHARD, PER_SHARD) for s in range(N_SHARDS)]  # one call per shard
     shards = [bf(t) for t in shards]
-    cf.load_state(cf.merge([cf.fit_partial(t) for t in shards]))
+    fit_local(cf, shards)
     shards = [_rewrites(cf(t)) for t in shards]
     sink = registry.get("write")(STAGES[3]["write"])
     stats = [sink.write(t, SinkContext(output=str(out)))[0] for t in shards]

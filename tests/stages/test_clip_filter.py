@@ -8,8 +8,6 @@ order of the partial states, and the apply batch size.
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ import pytest
 from pipeline.config import ConfigError, from_dict
 from schemas import conform
 from stages.clip_filter import ClipFilter, ClipFilterConfig, ScoreRule
+from stages.reduce import fit_local
 
 
 def datacomp_kept(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -48,11 +47,9 @@ def table_of(keys, scores, status=None):
 
 
 def fit(stage: ClipFilter, tables, seed=0):
-    parts = [stage.fit_partial(t) for t in tables]
-    random.Random(seed).shuffle(parts)
-    state = json.loads(json.dumps(stage.merge(parts)))  # persisted as JSON by the executor
-    stage.load_state(state)
-    return state
+    # both rounds (sketch, then the rows near the cut), partials in a shuffled order, the states
+    # through JSON as the executor persists them
+    return fit_local(stage, tables, shuffle_seed=seed)
 
 
 def random_partitions(table: pa.Table, k: int, seed: int) -> list[pa.Table]:

@@ -1,10 +1,10 @@
-"""Dedup (exact, by URL and sha256), a global stage, called directly without Ray: fit_partial on
-several partitions, merge, a JSON round trip of the state (as the executor persists it), apply."""
+"""Dedup (exact, by URL, sha256 or any column), a shuffle stage, run without Ray (``run_local``:
+partition per shard, decide per partition, apply per shard) over several shard splits and partition
+counts, against a plain reference of the rule and the driver-merge implementation it replaced."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 
 import pyarrow as pa
@@ -13,6 +13,8 @@ import pytest
 from pipeline.config import ConfigError, from_dict
 from schemas import conform
 from stages.dedup import Dedup, DedupConfig
+from stages.shuffle import merge_decisions, partition_block, run_local
+from tests import dedup_reference as reference
 
 
 def sha(data: bytes) -> str:
@@ -61,15 +63,13 @@ def expected(rows, by):
     return out
 
 
-def fit_apply(rows, partitions, by=("url", "sha256"), apply_batch=7):
+def fit_apply(rows, partitions, by=("url", "sha256"), n_partitions=4):
+    """The shuffle in one process (``run_local``): ``partitions`` are the shards (their rows in any
+    order); the rows come back in ``rows`` order."""
     stage = Dedup(DedupConfig(by=list(by)))
-    parts = [stage.fit_partial(conform(pa.Table.from_pylist(p))) for p in partitions]
-    state = json.loads(json.dumps(stage.merge(parts)))
-    stage.load_state(state)
-    out = []
-    for i in range(0, len(rows), apply_batch):
-        out.extend(stage(conform(pa.Table.from_pylist(rows[i : i + apply_batch]))).to_pylist())
-    return stage, state, out
+    blocks = [conform(pa.Table.from_pylist(p)) for p in partitions]
+    out = {r["key"]: r for b in run_local(stage, blocks, n_partitions=n_partitions) for r in b.to_pylist()}
+    return stage, [out[r["key"]] for r in rows]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -81,7 +81,7 @@ def test_keeps_smallest_key_whatever_the_partitions(seed):
     cuts = sorted(rng.sample(range(1, len(rows)), 4))
     partitions = [shuffled[a:b] for a, b in zip([0, *cuts], [*cuts, len(rows)])] + [[]]
     rng.shuffle(partitions)
-    stage, state, out = fit_apply(rows, partitions)
+    stage, out = fit_apply(rows, partitions, n_partitions=1 + seed * 3)
     want = expected(rows, ("url", "sha256"))
     assert len(out) == len(rows)
     for r in out:
@@ -90,6 +90,9 @@ def test_keeps_smallest_key_whatever_the_partitions(seed):
             continue
         assert r["reason"] == want[r["key"]], r["key"]
         assert r["status"] == ("duplicate" if want[r["key"]] else "ok")
+        assert r["rule"] == (
+            f"duplicate:{want[r['key']].split()[0].split(':')[1]}" if want[r["key"]] else None
+        )
     # Spot checks against the construction of make_rows.
     by_key = {r["key"]: r for r in out}
     assert by_key["000000013"]["reason"] == "dedup:url duplicate of key 000000000"
@@ -97,22 +100,21 @@ def test_keeps_smallest_key_whatever_the_partitions(seed):
     assert by_key["000000027"]["reason"] == "dedup:url duplicate of key 000000014"
     assert by_key["000000029"]["reason"] == "dedup:sha256 duplicate of key 000000012"  # 1st ok with URL 3
     assert by_key["000000016"]["status"] == "ok"  # null URL, first of image 16
-    assert stage.state_summary(state) == {"unique_url": 13, "unique_sha256": 17}
-    assert all(len(h) == 16 for h in state["url"])  # 8-byte BLAKE2b, in hex
+    # the driver-merge implementation this stage replaced flags the same rows for the same reasons
+    tables = [conform(pa.Table.from_pylist(p)) for p in partitions]
+    assert reference.dedup(tables) == {r["key"]: r["reason"] for r in out if r["status"] == "duplicate"}
 
 
 def test_same_result_as_one_partition():
     rows = make_rows()
-    _, state_one, out_one = fit_apply(rows, [rows])
-    _, state_many, out_many = fit_apply(rows, [[r] for r in reversed(rows)], apply_batch=40)
-    assert state_one == state_many
+    _, out_one = fit_apply(rows, [rows], n_partitions=1)
+    _, out_many = fit_apply(rows, [[r] for r in reversed(rows)], n_partitions=7)
     assert out_one == out_many
 
 
 def test_by_url_only_ignores_image_repeats():
     rows = make_rows()
-    _, state, out = fit_apply(rows, [rows[:20], rows[20:]], by=("url",))
-    assert set(state) == {"url"}
+    _, out = fit_apply(rows, [rows[:20], rows[20:]], by=("url",))
     want = expected(rows, ("url",))
     assert {r["key"]: r["reason"] for r in out if r["status"] != "download_failed"} == {
         k: v for k, v in want.items() if k != "000000001"
@@ -120,24 +122,62 @@ def test_by_url_only_ignores_image_repeats():
     assert all(r["reason"] is None or r["reason"].startswith("dedup:url ") for r in out[2:])
 
 
+def test_any_column_and_summary():
+    """``by`` names any column (here a caption), judged like url; the decisions' summary counts them."""
+    rows = make_rows()
+    for i, r in enumerate(rows):
+        r["caption"] = f"caption {i % 5}"
+    stage, out = fit_apply(rows, [rows[:15], rows[15:]], by=("caption", "url"))
+    want = expected(rows, ("caption", "url"))
+    assert {r["key"]: r["reason"] for r in out if r["status"] != "download_failed"} == {
+        k: v for k, v in want.items() if k != "000000001"
+    }
+    flagged = [r for r in out if r["status"] == "duplicate"]
+    assert len(flagged) == 40 - 1 - 5  # five captions, one kept each (row 1 is not ok)
+    table = merge_decisions([stage.decide(partition_block(stage, conform(pa.Table.from_pylist(rows)), 0))])
+    assert stage.decision_summary(table) == {"flagged": 34, "duplicate_caption": 34, "duplicate_url": 0}
+    urls = {r["url"] for r in rows if r["status"] == "ok" and r["url"]}
+    assert stage.summary == {  # what the manifest shows: per partition and per shard counts, summed
+        "unique_caption": 5,
+        "unique_url": len(urls),
+        "flagged": 34,
+        "duplicate_caption": 34,
+        "duplicate_url": 0,
+    }
+
+
 def test_numeric_key_order_and_config():
     rows = [
         {"key": "100", "url": "http://a", "status": "ok"},
         {"key": "99", "url": "http://a", "status": "ok"},
+        {"key": "b", "url": "http://a", "status": "ok"},  # not a digit key: after every digit key
     ]
-    _, _, out = fit_apply(rows, [rows[:1], rows[1:]], by=("url",))
-    assert [r["status"] for r in out] == ["duplicate", "ok"]
-    assert out[0]["reason"] == "dedup:url duplicate of key 99"
+    _, out = fit_apply(rows, [rows[:1], rows[1:]], by=("url",))
+    assert [r["status"] for r in out] == ["duplicate", "ok", "duplicate"]
+    assert out[0]["reason"] == out[2]["reason"] == "dedup:url duplicate of key 99"
     stage = Dedup(DedupConfig(by=["sha256"], hash_bytes=16))
-    st = stage.fit_partial(conform(pa.Table.from_pylist([{"key": "1", "sha256": sha(b"x"), "status": "ok"}])))
-    assert [len(h) for h in st["sha256"]] == [32]
-    with pytest.raises(ConfigError, match=r"\(dedup\): key 'by"):
-        from_dict({"stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": ["caption"]}}]})
+    parts = stage.partition_rows(
+        conform(pa.Table.from_pylist([{"key": "1", "sha256": sha(b"x"), "status": "ok"}]))
+    )
+    assert parts.column("h").type == pa.binary(16)
     with pytest.raises(ConfigError, match="each once"):
         from_dict({"stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": []}}]})
+    with pytest.raises(ConfigError, match="each once"):
+        from_dict({"stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": ["url", "url"]}}]})
 
 
-def test_apply_without_state_is_a_clear_error():
+def test_plan_refuses_a_column_nothing_makes():
+    from pipeline import plan
+
+    raw = {
+        "stages": [{"read": {"path": "x.parquet"}}, {"dedup": {"by": ["caption", "phash"]}}, {"write": {}}]
+    }
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(dedup\): requires column 'phash'") as e:
+        plan.check(from_dict(raw, source="w.yaml"))
+    assert "\n" not in str(e.value)
+
+
+def test_apply_without_decisions_is_a_clear_error():
     stage = Dedup(DedupConfig())
-    with pytest.raises(RuntimeError, match="no fitted state"):
+    with pytest.raises(RuntimeError, match="no decisions"):
         stage.process(conform(pa.Table.from_pylist([{"key": "1", "url": "http://a", "status": "ok"}])))
