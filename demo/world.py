@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--degrade-rate", type=float, default=DEGRADE_RATE)
     ap.add_argument("--n-copies", type=int, default=0, help="near-copies to append (demo/copies.py)")
     a = ap.parse_args(argv)
-    out = make_world(a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s, a.degrade_rate, a.n_copies)
+    out = make_world(
+        a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s, a.degrade_rate, a.n_copies
+    )
     t = pq.read_table(out / "world.parquet")
     n_mis = sum(t.column("is_mismatched").to_pylist())
     n_broken = sum(b is not None for b in t.column("broken").to_pylist())

@@ -39,10 +39,14 @@ class DecontaminateConfig(StageConfig):
         always=True,
     )
     min_similarity: float = Field(
-        0.99, ge=-1.0, le=1.0, description="A pool row is contaminated when its cosine to an eval image is >= this."
+        0.99,
+        ge=-1.0,
+        le=1.0,
+        description="A pool row is contaminated when its cosine to an eval image is >= this.",
     )
     embedding_column: str = Field(
-        "image_embedding", description="Embedding column of the pool rows (and of the eval Parquet, if it has one)."
+        "image_embedding",
+        description="Embedding column of the pool rows (and of the eval Parquet, if it has one).",
     )
     id_column: str = Field("key", description="Id column of the eval Parquet (named in the reasons).")
     model: str | None = path_field(

@@ -146,7 +146,10 @@ class NearDedup(ShuffleStage):
                     if keys[i] not in best or cand[:2] < best[keys[i]][:2]:
                         best[keys[i]] = cand
         found = sorted(best.values(), key=lambda c: c[2])
-        reasons = [f"near_dedup:phash duplicate of key {k} (distance {d} of {self.bits} bits)" for d, _, _, k in found]
+        reasons = [
+            f"near_dedup:phash duplicate of key {k} (distance {d} of {self.bits} bits)"
+            for d, _, _, k in found
+        ]
         return decisions(group, [c[2] for c in found], reasons, RULE, ranks=[c[0] for c in found])
 
     def decision_summary(self, table: pa.Table) -> dict[str, Any]:
@@ -154,7 +157,9 @@ class NearDedup(ShuffleStage):
 
     # ---- apply ----------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> pa.Table:
-        batch = replace_column(batch, "phash", pa.array([self._hex(h) for h in self._hashes(batch)], pa.string()))
+        batch = replace_column(
+            batch, "phash", pa.array([self._hex(h) for h in self._hashes(batch)], pa.string())
+        )
         return super().process(batch)
 
 

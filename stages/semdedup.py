@@ -113,7 +113,8 @@ class SemDedup(ShuffleStage):
         emb = [e for s in states for e in s["emb"]]
         if not keys:
             return {"centroids": [], "sample_rows": 0, "sample_cluster_sizes": []}
-        order = sorted(range(len(keys)), key=lambda i: key_order(keys[i]))  # the fit does not depend on blocks
+        # in key order: the fit does not depend on the blocks
+        order = sorted(range(len(keys)), key=lambda i: key_order(keys[i]))
         x = np.ascontiguousarray(np.asarray([emb[i] for i in order], np.float32))
         k = min(self.config.n_clusters, len(x))
         km = faiss.Kmeans(
@@ -123,7 +124,11 @@ class SemDedup(ShuffleStage):
         km.train(x)
         centroids = km.centroids / np.maximum(np.linalg.norm(km.centroids, axis=1, keepdims=True), 1e-12)
         sizes = np.bincount((x @ centroids.T).argmax(1), minlength=k)
-        return {"centroids": centroids.tolist(), "sample_rows": len(x), "sample_cluster_sizes": sizes.tolist()}
+        return {
+            "centroids": centroids.tolist(),
+            "sample_rows": len(x),
+            "sample_cluster_sizes": sizes.tolist(),
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._centroids = np.asarray(state["centroids"], np.float32)
@@ -137,7 +142,11 @@ class SemDedup(ShuffleStage):
             lo = 0 if s == 0 else 1 << (int(s).bit_length() - 1)
             label = "0" if s == 0 else (f"{lo}" if lo == 1 else f"{lo}-{2 * lo - 1}")
             hist[label] = hist.get(label, 0) + 1
-        return {"n_clusters": len(sizes), "sample_rows": state.get("sample_rows", 0), "cluster_size_histogram": hist}
+        return {
+            "n_clusters": len(sizes),
+            "sample_rows": state.get("sample_rows", 0),
+            "cluster_size_histogram": hist,
+        }
 
     # ---- partition ------------------------------------------------------------------------
     def partition_rows(self, batch: pa.Table) -> pa.Table:
@@ -190,7 +199,9 @@ class SemDedup(ShuffleStage):
                 for r in np.flatnonzero(top >= limit):
                     me, kept = order[start + r], order[best[r]]
                     idx_out.append(int(rows[me]))
-                    reasons.append(f"semdedup: cosine {top[r]:.4f} to key {keys[kept]} (cluster {int(cluster)})")
+                    reasons.append(
+                        f"semdedup: cosine {top[r]:.4f} to key {keys[kept]} (cluster {int(cluster)})"
+                    )
         return decisions(group, idx_out, reasons, RULE)
 
 

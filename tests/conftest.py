@@ -333,7 +333,15 @@ def copies_pool(tmp_path_factory):
     from stages.clip_score import ClipScore
 
     world = make_world(tmp_path_factory.mktemp("copies_world"), n=COPIES_N, seed=DEMO_SEED, n_copies=COPIES_K)
-    truth_cols = ("caption", "copy_of", "copy_kind", "concept_rows", "true_colour", "true_shape", "background")
+    truth_cols = (
+        "caption",
+        "copy_of",
+        "copy_kind",
+        "concept_rows",
+        "true_colour",
+        "true_shape",
+        "background",
+    )
     with serve(world) as base_url:
         truth = pq.read_table(write_url_list(world, base_url))
         rows = run_download(
@@ -341,5 +349,7 @@ def copies_pool(tmp_path_factory):
             image_size=64, resize_mode="border", encode_format="jpg", encode_quality=90, timeout=5,
             allowed_networks=["127.0.0.0/8"],
         )  # fmt: skip
-    clip = ClipScore({"model": f"local-dir:{REPO / 'demo' / 'assets' / 'toy_clip'}", "device": "cpu", "embeddings": True})
+    clip = ClipScore(
+        {"model": f"local-dir:{REPO / 'demo' / 'assets' / 'toy_clip'}", "device": "cpu", "embeddings": True}
+    )
     return clip(rows).filter(pc.equal(pc.field("status"), "ok"))
