@@ -39,10 +39,11 @@ class DecontaminateConfig(StageConfig):
         always=True,
     )
     min_similarity: float = Field(
-        0.99,
+        0.95,
         ge=-1.0,
         le=1.0,
-        description="A pool row is contaminated when its cosine to an eval image is >= this.",
+        description="A pool row is contaminated when its cosine to an eval image is >= this (model-dependent: "
+        "measure the cosines of known copies with your model).",
     )
     embedding_column: str = Field(
         "image_embedding",

@@ -43,9 +43,11 @@ class SemDedupConfig(StageConfig):
     embedding_column: str = Field(
         "image_embedding", description="Embedding column (`<column>_image_embedding` for a named model)."
     )
-    n_clusters: int = Field(50, ge=1, description="k-means clusters (fewer when the sample has fewer rows).")
+    n_clusters: int = Field(
+        100, ge=1, description="k-means clusters (fewer when the sample has fewer rows)."
+    )
     eps: float = Field(
-        0.004,
+        0.01,
         ge=0.0,
         le=1.0,
         description="A row is a duplicate when its cosine to a better-ranked row of its cluster is >= 1 - eps.",
