@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas import Status
-from stages.base import Stage, StageConfig, path_field, set_status
+from stages.base import Stage, StageConfig, StageFailed, path_field, set_status
 
 RULE = "contaminated:eval"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -131,7 +131,10 @@ class Decontaminate(Stage):
         rows = np.flatnonzero(valid)
         x = _unit_rows(np.asarray(col.take(pa.array(rows, pa.int64())).to_pylist(), np.float32))
         if x.shape[1] != self._index.d:
-            raise ValueError(f"pool embeddings have {x.shape[1]} dims, the eval set {self._index.d}")
+            raise StageFailed(  # the eval set's model is not the pool's: the run's error, not a row's
+                self.name,
+                f"{self.config.eval_path}: eval embeddings have {self._index.d} dims, the pool's {x.shape[1]}",
+            )
         sims, found = self._index.search(x, 1)
         hit = sims[:, 0] >= self.config.min_similarity
         if not hit.any():
