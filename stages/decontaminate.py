@@ -68,10 +68,10 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 class Decontaminate(Stage):
     name = "decontaminate"
     Config = DecontaminateConfig
-    requires = ("key",)
+    requires = ("key", "image_embedding")
 
     def required_columns(self) -> tuple[str, ...]:
-        return (*self.requires, self.config.embedding_column)
+        return ("key", self.config.embedding_column)
 
     def model_info(self) -> dict:
         c = self.config

@@ -43,9 +43,7 @@ class SemDedupConfig(StageConfig):
     embedding_column: str = Field(
         "image_embedding", description="Embedding column (`<column>_image_embedding` for a named model)."
     )
-    n_clusters: int = Field(
-        100, ge=1, description="k-means clusters (fewer when the sample has fewer rows)."
-    )
+    n_clusters: int = Field(100, ge=1, description="k-means clusters (fewer when the sample has fewer rows).")
     eps: float = Field(
         0.01,
         ge=0.0,
@@ -80,7 +78,7 @@ def _normalised(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 class SemDedup(ShuffleStage):
     name = "semdedup"
     Config = SemDedupConfig
-    requires = ("key",)
+    requires = ("key", "image_embedding")
     has_fit = True
 
     def __init__(self, config=None):
@@ -90,7 +88,7 @@ class SemDedup(ShuffleStage):
         self.partition_columns = (col,)
 
     def required_columns(self) -> tuple[str, ...]:
-        return (*self.requires, self.config.embedding_column)
+        return ("key", self.config.embedding_column)
 
     def _ok_with_embedding(self, batch: pa.Table) -> pa.Table:
         col = self.config.embedding_column
