@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import registry
@@ -20,13 +21,17 @@ CONFIGS = {
     "download": {"image_size": 64, "resize_mode": "border", "allowed_networks": ["127.0.0.0/8"], "timeout": 5},
     "basic_filter": {"min_image_side": 32},
     "dedup": {},
-    "clip_score": {"model": TOY_CLIP, "batch_size": 16},
+    "clip_score": {"model": TOY_CLIP, "batch_size": 16, "embeddings": True},
+    "near_dedup": {},
+    "semdedup": {"n_clusters": 2},
+    "decontaminate": {"min_similarity": 0.999},  # eval_path: the first row's embedding (written by the test)
     "clip_filter": {"top_fraction": 0.5},
     "balance": {"metadata": str(REPO / "demo" / "assets" / "shapes_metadata.json"), "t": 5},
     "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
                 "max_new_tokens": 24},
 }
-ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "rewrite"]
+ORDER = ["download", "basic_filter", "dedup", "clip_score", "near_dedup", "semdedup", "decontaminate", "clip_filter",
+         "balance", "rewrite"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +64,31 @@ def test_stages_chain_without_ray(rows, tmp_path):
     assert t.num_rows == 40 and t.column("status").to_pylist() == [OK] * 40
     for name in ORDER:
         cls = registry.get(name)
-        stage = cls(cls.Config(**CONFIGS[name]))
+        cfg = dict(CONFIGS[name])
+        if name == "decontaminate":
+            ok_rows = t.filter(pc.equal(t.column("status"), OK))
+            (tmp_path / "eval").mkdir()
+            evalset = tmp_path / "eval" / "eval.parquet"
+            pq.write_table(
+                pa.table(
+                    {"key": ["eval-0"], "image_embedding": ok_rows.column("image_embedding").slice(0, 1)}
+                ),
+                evalset,
+            )
+            cfg["eval_path"] = str(evalset)
+        stage = cls(cls.Config(**cfg))
         stage.setup()
-        if stage.is_global:
+        if getattr(stage, "shuffle", False):  # partition -> decide -> apply, in one process
+            from stages.shuffle import run_local
+
+            out = run_local(stage, [t], 2)[0]
+        elif stage.is_global:
             stage.load_state(
                 stage.merge([stage.fit_partial(t.select([*stage.fit_columns, "key", "status"]))])
             )
-        out = stage(t)
+            out = stage(t)
+        else:
+            out = stage(t)
         assert out.num_rows == t.num_rows, name
         assert out.column("key").to_pylist() == t.column("key").to_pylist(), f"{name} keeps row order"
         for col in stage.output_columns():
@@ -77,6 +100,7 @@ def test_stages_chain_without_ray(rows, tmp_path):
         )
         t = out
     assert "clip_score" in t.column_names and "caption_rewrites" in t.column_names
+    assert "contaminated" in t.column("status").to_pylist(), "the eval item's own row"
     ok = t.filter(pc.equal(t.column("status"), OK))
     assert ok.num_rows > 0
 
