@@ -69,9 +69,13 @@ def _unit(key: str, seed: int) -> float:
 
 
 def _normalised(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    x = np.asarray(col.to_pylist(), dtype=np.float32)
-    if x.ndim != 2:
-        x = x.reshape(len(x), -1)
+    """A list column of equal-length vectors (no nulls) as unit rows, float32 ``[n, dim]``."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    n = len(arr)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    x = flat.reshape(n, -1)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
