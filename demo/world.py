@@ -99,6 +99,9 @@ class Pair:
     true_shape: str
     broken: str | None
     degraded: str | None = None  # "blur" / "noise": the image is degraded (the caption still matches)
+    background: str | None = None  # the background's name
+    copy_of: int | None = None  # a near-copy (demo/copies.py) of the pair with this index
+    copy_kind: str | None = None
 
     @property
     def is_degraded(self) -> bool:
@@ -241,9 +244,12 @@ def generate(
     n_broken: int = 0,
     zipf_s: float = 1.1,
     degrade_rate: float = 0.0,
+    n_copies: int = 0,
 ) -> Iterator[Pair]:
     """Yield ``n`` pairs. Exactly ``round(mismatch_rate * (n - n_broken))`` of the good ones are mismatched,
-    and ``round(degrade_rate * (n - n_broken))`` of the matched good ones have a degraded image."""
+    and ``round(degrade_rate * (n - n_broken))`` of the matched good ones have a degraded image. Then
+    ``n_copies`` near-copies (``demo/copies.py``) of distinct good, undegraded pairs, indices ``n`` on (own stream:
+    the first ``n`` pairs do not depend on it)."""
     if not 0 <= n_broken <= n:
         raise ValueError("n_broken must be between 0 and n")
     rng = random.Random(seed)
@@ -257,6 +263,10 @@ def generate(
     chosen = sorted(random.Random(f"{seed}:degraded").sample(matched, n_degraded))
     degraded_kind = {i: DEGRADED_KINDS[j % len(DEGRADED_KINDS)] for j, i in enumerate(chosen)}
     weights = concept_weights(zipf_s)
+    # copies of undegraded pairs only: a blurred image is nearly flat and its perceptual hash unstable
+    plain = [i for i in good if i not in degraded_kind]
+    sources = sorted(random.Random(f"{seed}:copies").sample(plain, min(n_copies, len(plain))))
+    kept: dict[int, tuple[Pair, str]] = {}  # sources of copies: (pair, size word)
     for i in range(n):
         r = random.Random(f"{seed}:{i}")  # per-item stream: an item does not depend on the others
         true_colour, true_shape = r.choices(CONCEPTS, weights=weights)[0]
@@ -280,9 +290,31 @@ def generate(
         data = _encode(img, fmt, r)
         if kind is not None:
             data = _broken_bytes(kind, data)
-        yield Pair(
+        pair = Pair(
             f"{i:06d}.{fmt}", data, caption, i in mismatched, colour, shape, true_colour, true_shape, kind,
-            degraded_kind.get(i),
+            degraded_kind.get(i), bg,
+        )  # fmt: skip
+        if n_copies and i in sources:
+            kept[i] = (pair, size)
+        yield pair
+    if n_copies:
+        yield from _copies(kept, sources, n, seed)
+
+
+def _copies(kept: dict, sources: list[int], n: int, seed: int) -> Iterator[Pair]:
+    """The near-copies of ``sources`` (``demo/copies.py``), indices ``n`` on; each has a fresh matched caption."""
+    from demo.copies import COPY_KINDS, make_copy
+
+    order = list(sources)
+    random.Random(f"{seed}:copies:order").shuffle(order)
+    for j, src in enumerate(order):
+        p, size = kept[src]
+        r = random.Random(f"{seed}:copy:{j}")
+        kind = COPY_KINDS[j % len(COPY_KINDS)]
+        caption = caption_for(p.true_colour, p.true_shape, p.background, size, r)
+        yield Pair(
+            f"{n + j:06d}.jpg", make_copy(p.data, kind, r), caption, False, p.true_colour, p.true_shape,
+            p.true_colour, p.true_shape, None, p.degraded, p.background, src, kind,
         )  # fmt: skip
 
 
@@ -294,22 +326,32 @@ def make_world(
     n_broken: int = 8,
     zipf_s: float = 1.1,
     degrade_rate: float = DEGRADE_RATE,
+    n_copies: int = 0,
 ) -> Path:
-    """Write ``out_dir/files/*`` (the served files) and ``out_dir/world.parquet``; return ``out_dir``."""
+    """Write ``out_dir/files/*`` (the served files) and ``out_dir/world.parquet``; return ``out_dir``.
+    ``n_copies > 0`` appends near-copies and their ground truth columns (``demo/copies.py``)."""
+    from demo.copies import COPY_FIELDS, concept_rows
+
     out = Path(out_dir)
     files = out / "files"
     files.mkdir(parents=True, exist_ok=True)
-    rows = {name: [] for name in SCHEMA.names}
-    for p in generate(n, seed, mismatch_rate, n_broken, zipf_s, degrade_rate):
+    schema = pa.schema([*SCHEMA, *COPY_FIELDS]) if n_copies else SCHEMA
+    rows = {name: [] for name in schema.names}
+    concepts = []
+    for p in generate(n, seed, mismatch_rate, n_broken, zipf_s, degrade_rate, n_copies):
         target = files / p.name
         if p.data is None:
             target.unlink(missing_ok=True)
         else:
             target.write_bytes(p.data)
         rows["path"].append(f"files/{p.name}")
-        for col in SCHEMA.names[1:]:
-            rows[col].append(getattr(p, col))
-    pq.write_table(pa.table(rows, schema=SCHEMA), out / "world.parquet", compression="zstd")
+        concepts.append((p.true_colour, p.true_shape, p.background))
+        for col in schema.names[1:]:
+            if col != "concept_rows":
+                rows[col].append(getattr(p, col))
+    if n_copies:
+        rows["concept_rows"] = concept_rows(concepts)
+    pq.write_table(pa.table(rows, schema=schema), out / "world.parquet", compression="zstd")
     return out
 
 
@@ -329,8 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-broken", type=int, default=8)
     ap.add_argument("--zipf-s", type=float, default=1.1)
     ap.add_argument("--degrade-rate", type=float, default=DEGRADE_RATE)
+    ap.add_argument("--n-copies", type=int, default=0, help="near-copies to append (demo/copies.py)")
     a = ap.parse_args(argv)
-    out = make_world(a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s, a.degrade_rate)
+    out = make_world(
+        a.out_dir, a.n, a.seed, a.mismatch_rate, a.n_broken, a.zipf_s, a.degrade_rate, a.n_copies
+    )
     t = pq.read_table(out / "world.parquet")
     n_mis = sum(t.column("is_mismatched").to_pylist())
     n_broken = sum(b is not None for b in t.column("broken").to_pylist())

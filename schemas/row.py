@@ -71,6 +71,8 @@ STAGE_FIELDS: dict[str, pa.DataType] = {
     "text_embedding": pa.list_(pa.float16()),
     # filters
     "language": pa.string(),
+    # near_dedup
+    "phash": pa.string(),
     # balance
     "metaclip_entries": pa.list_(pa.int32()),
     # balance_worldwide (also metaclip_entries: ids within the row's language list)

@@ -22,7 +22,8 @@ class Status(StrEnum):
     FILTERED_BASIC = "filtered_basic"  # DataComp basic filter (reason names the rule)
     FILTERED_CLIP = "filtered_clip"  # CLIP score under min_score / top_fraction threshold
     FILTERED_BALANCE = "filtered_balance"  # MetaCLIP balancing: no match, or sampled out
-    DUPLICATE = "duplicate"  # exact duplicate by url or sha256 (reason names the kept key)
+    DUPLICATE = "duplicate"  # exact, perceptual or semantic duplicate (reason names the kept key)
+    CONTAMINATED = "contaminated"  # image too close to an evaluation set's (reason names the eval item)
     # generic
     STAGE_ERROR = "stage_error"  # a row that made a stage raise; reason holds the exception
 

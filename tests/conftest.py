@@ -312,3 +312,44 @@ def filter_dedup_workflow(pool: str, **top) -> dict:
     basic = {"lang_id": None, "english": False, "min_image_side": None, "max_aspect_ratio": None}
     stages = [{"read": {"path": pool}}, {"basic_filter": basic}, {"dedup": {"by": ["url"]}}, {"write": {}}]
     return {**top, "stages": stages}
+
+
+COPIES_N, COPIES_K = 400, 120  # the near-copies world of the dedup-tier tests: 400 pairs + 120 near-copies
+
+
+@pytest.fixture(scope="session")
+def copies_pool(tmp_path_factory):
+    """The shapes world with near-copies (``make_world(..., n_copies=120)``, ``demo/copies.py``), served on
+    127.0.0.1, downloaded with the demo workflow's settings (64 px, border, JPEG q90) and scored by the toy
+    CLIP with embeddings on (no Ray): the ``ok`` rows, keys ``0000``... (world index), with the generator's
+    ground truth (``copy_of``, ``copy_kind``, ``concept_rows``, ``true_colour``, ``true_shape``,
+    ``background``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from demo.run_demo import write_url_list
+    from demo.server import serve
+    from demo.world import make_world
+    from stages.clip_score import ClipScore
+
+    world = make_world(tmp_path_factory.mktemp("copies_world"), n=COPIES_N, seed=DEMO_SEED, n_copies=COPIES_K)
+    truth_cols = (
+        "caption",
+        "copy_of",
+        "copy_kind",
+        "concept_rows",
+        "true_colour",
+        "true_shape",
+        "background",
+    )
+    with serve(world) as base_url:
+        truth = pq.read_table(write_url_list(world, base_url))
+        rows = run_download(
+            truth.column("url").to_pylist(), extra_cols={c: truth.column(c) for c in truth_cols},
+            image_size=64, resize_mode="border", encode_format="jpg", encode_quality=90, timeout=5,
+            allowed_networks=["127.0.0.0/8"],
+        )  # fmt: skip
+    clip = ClipScore(
+        {"model": f"local-dir:{REPO / 'demo' / 'assets' / 'toy_clip'}", "device": "cpu", "embeddings": True}
+    )
+    return clip(rows).filter(pc.equal(pc.field("status"), "ok"))

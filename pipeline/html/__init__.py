@@ -24,13 +24,15 @@ The package knows no stage by name. Sections, in this order (ids are stable for 
   outcome counts and why generations were rejected (``rewrites``);
 * ``samples``: always, kept rows (shows ``report.show_columns`` under each sample);
 * ``rejected``: always, rejected rows per (status, rule), pictures from the ``thumbnail`` column;
+* ``pairs``: when a rejected row's reason names another row's key (``key K``: the dedup tiers), counts per
+  (stage, rule) and a few pairs side by side; and the global state summaries' ``*_histogram`` tables (``pairs``);
 * one per stage that declares it fills the ``image`` column, id ``<stage>-failures``;
 * ``metadata``: always.
 
     build("demo_out/output")  -> "demo_out/output/report.html"
 
 Modules: ``data`` (reading, declarations), ``markup`` (HTML pieces), ``charts`` (matplotlib),
-``sections``, ``languages``, ``timing``, ``dataset``, ``rewrites``, ``samples``, ``page`` (``render``, ``build``).
+``sections``, ``languages``, ``timing``, ``dataset``, ``rewrites``, ``samples``, ``pairs``, ``page`` (``render``, ``build``).
 """
 
 from pipeline.html.data import thresholds

@@ -28,6 +28,7 @@ img.plot{max-width:100%;display:block;margin:8px 0}.note{color:#5b6478}.warn{col
 .badge.ok{background:#d7f0dc;color:#17622a}.badge.bad{background:#fbe0d6;color:#8c2a0a}
 .card p{margin:2px 0}pre{background:#f3f4f7;padding:8px;overflow:auto;font-size:12px;max-height:420px}
 ul.rw{margin:2px 0;padding-left:16px}
+.grid.pair{grid-template-columns:repeat(2,minmax(260px,420px));margin-bottom:8px}
 """
 
 

@@ -14,6 +14,7 @@ from pipeline.html.data import (
 from pipeline.html.dataset import dataset_section
 from pipeline.html.languages import language_columns, language_section, language_stages
 from pipeline.html.markup import CSS, e
+from pipeline.html.pairs import pairs_section
 from pipeline.html.rewrites import rewrites_section
 from pipeline.html.samples import rejected, samples
 from pipeline.html.timing import timing_section
@@ -40,7 +41,7 @@ def render(output: str) -> str:
     if rc.label_column:
         parts.append(sections.label_section(df, rc, order))
     parts += [dataset_section(df), rewrites_section(df)]
-    parts += [samples(rd, df, rc), rejected(df, rc)]
+    parts += [samples(rd, df, rc), rejected(df, rc), pairs_section(rd, manifest, df, rc)]
     parts += [sections.failure_section(df, s) for s in image_fillers(stages)]
     parts += evaluation.sections(rd)
     parts.append(sections.metadata(manifest))

@@ -138,3 +138,37 @@ def test_degraded_images_are_seeded_and_leave_other_pairs_alone(world, tmp_path)
     assert ct.drop_columns(["is_degraded", "degraded"]).equals(
         pq.read_table(world / "world.parquet").drop_columns(["is_degraded", "degraded"])
     )
+
+
+def test_near_copies_are_appended_with_their_ground_truth(world, tmp_path):
+    """``n_copies`` (demo/copies.py): the first ``n`` pairs keep their bytes and truth; the copies are new
+    files of undegraded good pairs, every kind, with a fresh caption naming the same concept."""
+    import io
+
+    from PIL import Image
+
+    from demo.copies import COPY_KINDS
+
+    cp = make_world(tmp_path / "copies", n=200, seed=0, n_copies=24)
+    base, t = pq.read_table(world / "world.parquet"), pq.read_table(cp / "world.parquet")
+    assert t.slice(0, 200).select(base.column_names).equals(base)
+    assert {k: v for k, v in _files(cp).items() if k in _files(world)} == _files(world)
+    rows = t.to_pylist()
+    copies = rows[200:]
+    assert len(copies) == 24 and Counter(r["copy_kind"] for r in copies) == {k: 6 for k in COPY_KINDS}
+    assert len({r["copy_of"] for r in copies}) == 24
+    for r in copies:
+        src = rows[r["copy_of"]]
+        assert src["broken"] is None and src["degraded"] is None and src["copy_of"] is None
+        assert (r["true_colour"], r["true_shape"], r["background"]) == (
+            src["true_colour"], src["true_shape"], src["background"],
+        )  # fmt: skip
+        assert r["url" if "url" in r else "path"] != src["path"] and not r["is_mismatched"]
+        data = (cp / r["path"]).read_bytes()
+        assert data != (cp / src["path"]).read_bytes()
+        Image.open(io.BytesIO(data)).verify()
+    concept = Counter((r["true_colour"], r["true_shape"], r["background"]) for r in rows)
+    assert [r["concept_rows"] for r in rows] == [
+        concept[(r["true_colour"], r["true_shape"], r["background"])] for r in rows
+    ]
+    assert any(r["concept_rows"] == 1 for r in rows) and all(r["concept_rows"] >= 2 for r in copies)

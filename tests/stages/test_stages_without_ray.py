@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import registry
@@ -22,14 +23,18 @@ CONFIGS = {
     "download": {"image_size": 64, "resize_mode": "border", "allowed_networks": ["127.0.0.0/8"], "timeout": 5},
     "basic_filter": {"min_image_side": 32},
     "dedup": {},
-    "clip_score": {"model": TOY_CLIP, "batch_size": 16},
+    "clip_score": {"model": TOY_CLIP, "batch_size": 16, "embeddings": True},
+    "near_dedup": {},
+    "semdedup": {"n_clusters": 2},
+    "decontaminate": {"min_similarity": 0.999},  # eval_path: the first row's embedding (written by the test)
     "clip_filter": {"top_fraction": 0.5},
     "balance": {"metadata": str(REPO / "demo" / "assets" / "shapes_metadata.json"), "t": 5},
     "balance_worldwide": {"language_column": "language", "t": 5},  # metadata: a folder the test makes
     "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
                 "max_new_tokens": 24},
 }
-ORDER = ["download", "basic_filter", "dedup", "clip_score", "clip_filter", "balance", "balance_worldwide", "rewrite"]
+ORDER = ["download", "basic_filter", "dedup", "clip_score", "near_dedup", "semdedup", "decontaminate", "clip_filter",
+         "balance", "balance_worldwide", "rewrite"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +72,21 @@ def test_stages_chain_without_ray(rows, tmp_path):
             (tmp_path / "langmeta").mkdir()
             (tmp_path / "langmeta" / "en.json").write_bytes(Path(CONFIGS["balance"]["metadata"]).read_bytes())
             cfg["metadata"] = str(tmp_path / "langmeta")
+        if name == "decontaminate":
+            ok_rows = t.filter(pc.equal(t.column("status"), OK))
+            (tmp_path / "eval").mkdir()
+            evalset = tmp_path / "eval" / "eval.parquet"
+            pq.write_table(
+                pa.table(
+                    {"key": ["eval-0"], "image_embedding": ok_rows.column("image_embedding").slice(0, 1)}
+                ),
+                evalset,
+            )
+            cfg["eval_path"] = str(evalset)
         stage = cls(cls.Config(**cfg))
         stage.setup()
-        if getattr(stage, "shuffle", False):
-            [out] = run_local(stage, [t])
+        if getattr(stage, "shuffle", False):  # partition -> decide -> apply, in one process
+            [out] = run_local(stage, [t], 2)
         else:
             if stage.is_global:
                 fit_local(stage, [t.select([*stage.fit_columns, "key", "status"])])
@@ -86,6 +102,7 @@ def test_stages_chain_without_ray(rows, tmp_path):
         )
         t = out
     assert "clip_score" in t.column_names and "caption_rewrites" in t.column_names
+    assert "contaminated" in t.column("status").to_pylist(), "the eval item's own row"
     ok = t.filter(pc.equal(t.column("status"), OK))
     assert ok.num_rows > 0
 
