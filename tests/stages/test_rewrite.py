@@ -7,6 +7,10 @@
 * Acceptance 3: the ``vllm`` engine's ``ray.data.llm`` description (processor kwargs, and the
   explode/pre/post/collect row functions) without vLLM; the rows that vLLM would return are built by
   hand from the documented output fields (``generated_text``, ``__inference_error__``).
+
+The same row functions also run through Ray's real processors: ``test_ray_data_llm_end_to_end_with_
+the_http_processor`` here, ``tests/stages/test_rewrite_http_ray.py`` (the openai engine in whole runs)
+and ``tests/stages/test_rewrite_vllm_ray.py`` (Ray's own vLLM processor, only the vLLM engine replaced).
 """
 
 from __future__ import annotations
@@ -439,9 +443,17 @@ def test_openai_engine_missing_key_env_fails_setup(monkeypatch):
 
 
 def _run_spec_by_hand(spec, table: pa.Table, engine_output) -> pa.Table:
-    """What apply_llm does, without Ray: explode, preprocess, the engine, postprocess, collect.
+    """What ``pipeline.ray.hooks.apply_processor`` does, modelled here without Ray: explode,
+    preprocess, the engine, postprocess, collect.
 
-    Rows marked with ``__inference_error__`` skip the engine and the postprocess, as in ray.data.llm."""
+    Faked, and why: Ray's processor loop is this function's model of it (rows marked with
+    ``__inference_error__`` skip the engine and the postprocess; Ray fills keys a row lacks with
+    nulls), and ``engine_output`` stands in for the engine's output fields. It lets the tests below
+    place an echo, an engine error or a 500 on one chosen generation slot, which a real engine cannot
+    be made to do, at unit speed. The model is checked against Ray itself by
+    ``tests/stages/test_rewrite_vllm_ray.py`` (Ray's vLLM processor, only vLLM replaced) and the
+    HTTP-processor tests (``test_ray_data_llm_end_to_end_with_the_http_processor``,
+    ``tests/stages/test_rewrite_http_ray.py``)."""
     processed = []
     for r in spec.explode(table).to_pylist():
         data = {**r, **spec.preprocess(r)}
