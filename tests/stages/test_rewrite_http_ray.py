@@ -8,7 +8,8 @@ What the README promises for that path, each checked on the run's output:
 * every row comes back once, in its shard's Parquet (the rewrites are gathered back per shard); rows
   that are not ``ok`` travel untouched (no request is sent for them);
 * each ``ok`` caption makes ``n_rewrites + spares`` requests (``spares``: extra generations that
-  replace rejected ones), batched ``processor_batch_size`` request rows at a time;
+  replace rejected ones), whatever the processor batches (``processor_batch_size`` 5 here, so batches
+  cut across captions and shards; the batch size itself is not observed);
 * a 429 is retried by Ray (with ``http_retries`` and ``http_backoff_s``) and never becomes a reason; a
   500 (which Ray does not retry) is a rejected generation that a spare replaces, and where every
   generation of a caption is refused, the row stays ``ok`` with its caption and the reason;
