@@ -13,8 +13,9 @@ OpenAI-compatible server:
 
 Failure injection: with ``fail_500_every=N`` every N-th POST is answered ``500`` and with
 ``fail_429_every=M`` every M-th ``429`` (with ``Retry-After: 0``), both with an OpenAI-style JSON error
-body. ``api_key`` makes it require ``Authorization: Bearer <key>`` (401 otherwise). ``log`` records
-``(path, status)`` of every POST.
+body. ``fail_500_when(request_json)`` (called under the server's lock) answers ``500`` to the requests it
+returns True for. ``api_key`` makes it require ``Authorization: Bearer <key>`` (401 otherwise). ``log``
+records ``(path, status)`` of every POST, ``headers_log`` the ``record_headers`` of every POST.
 
     with ToyLMServer("demo/assets/toy_lm", fail_500_every=4) as server:
         server.base_url   # http://127.0.0.1:PORT/v1
@@ -37,6 +38,8 @@ class ToyLMServer:
         fail_500_every: int = 0,
         fail_429_every: int = 0,
         api_key: str | None = None,
+        fail_500_when=None,
+        record_headers: tuple[str, ...] = (),
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,6 +48,9 @@ class ToyLMServer:
         self.fail_500_every = fail_500_every
         self.fail_429_every = fail_429_every
         self.api_key = api_key
+        self.fail_500_when = fail_500_when
+        self.record_headers = record_headers
+        self.headers_log: list[dict[str, str | None]] = []
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.log: list[tuple[str, int]] = []
@@ -118,6 +124,8 @@ class ToyLMServer:
         with self._lock:
             self._count += 1
             n = self._count
+            if self.record_headers:
+                self.headers_log.append({h: headers.get(h) for h in self.record_headers})
         if self.api_key is not None and headers.get("Authorization") != f"Bearer {self.api_key}":
             return self._logged(path, 401, _error("invalid api key", 401))
         if self.fail_500_every and n % self.fail_500_every == 0:
@@ -128,6 +136,11 @@ class ToyLMServer:
             req = json.loads(raw)
         except ValueError:
             return self._logged(path, 400, _error("body is not JSON", 400))
+        if self.fail_500_when is not None:
+            with self._lock:
+                refuse = self.fail_500_when(req)
+            if refuse:
+                return self._logged(path, 500, _error("injected internal error", 500))
         if path == "/v1/completions":
             prompts = req.get("prompt")
             prompts = [prompts] if isinstance(prompts, str) else prompts

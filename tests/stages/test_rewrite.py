@@ -7,6 +7,10 @@
 * Acceptance 3: the ``vllm`` engine's ``ray.data.llm`` description (processor kwargs, and the
   explode/pre/post/collect row functions) without vLLM; the rows that vLLM would return are built by
   hand from the documented output fields (``generated_text``, ``__inference_error__``).
+
+The same row functions also run through Ray's real processors: ``test_ray_data_llm_end_to_end_with_
+the_http_processor`` here, ``tests/stages/test_rewrite_http_ray.py`` (the openai engine in whole runs)
+and ``tests/stages/test_rewrite_vllm_ray.py`` (Ray's own vLLM processor, only the vLLM engine replaced).
 """
 
 from __future__ import annotations
@@ -32,8 +36,11 @@ from stages.rewrite import (
     draw_examples,
     load_bank,
 )
+from tests.conftest import require_module
 
 REPO = Path(__file__).resolve().parents[2]
+# aiohttp is a dependency (pyproject): under CI=true its absence fails the test, elsewhere it skips
+LLM_MISSING = "ray.data.llm cannot be imported (it needs aiohttp, a dependency: pip install -e .)"
 TOY_LM = REPO / "demo" / "assets" / "toy_lm"
 N_ROWS = 24
 TOY = {"type": "transformers", "model": "demo/assets/toy_lm"}  # the engine most tests use
@@ -248,7 +255,7 @@ def test_dataset_hook_per_engine(monkeypatch):
     assert hook.config_class == "vLLMEngineProcessorConfig" and hook.secret_kwargs == {}
     assert hook.config_kwargs["batch_size"] == 16 and hook.config_kwargs["model_source"] == "m"
     assert vllm.resources().batch_size == 8
-    llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
+    llm = require_module("ray.data.llm", LLM_MISSING)
     assert isinstance(getattr(llm, http.config_class)(**http.config_kwargs, **http.secret_kwargs),
                       llm.HttpRequestProcessorConfig)  # fmt: skip
     assert getattr(llm, hook.config_class)(**hook.config_kwargs).model_source == "m"
@@ -439,9 +446,17 @@ def test_openai_engine_missing_key_env_fails_setup(monkeypatch):
 
 
 def _run_spec_by_hand(spec, table: pa.Table, engine_output) -> pa.Table:
-    """What apply_llm does, without Ray: explode, preprocess, the engine, postprocess, collect.
+    """What ``pipeline.ray.hooks.apply_processor`` does, modelled here without Ray: explode,
+    preprocess, the engine, postprocess, collect.
 
-    Rows marked with ``__inference_error__`` skip the engine and the postprocess, as in ray.data.llm."""
+    Faked, and why: Ray's processor loop is this function's model of it (rows marked with
+    ``__inference_error__`` skip the engine and the postprocess; Ray fills keys a row lacks with
+    nulls), and ``engine_output`` stands in for the engine's output fields. It lets the tests below
+    place an echo, an engine error or a 500 on one chosen generation slot, which a real engine cannot
+    be made to do, at unit speed. The model is checked against Ray itself by
+    ``tests/stages/test_rewrite_vllm_ray.py`` (Ray's vLLM processor, only vLLM replaced) and the
+    HTTP-processor tests (``test_ray_data_llm_end_to_end_with_the_http_processor``,
+    ``tests/stages/test_rewrite_http_ray.py``)."""
     processed = []
     for r in spec.explode(table).to_pylist():
         data = {**r, **spec.preprocess(r)}
@@ -476,7 +491,7 @@ def test_vllm_spec_processor_kwargs():
     )
     vllm_default = Rewrite(make_config({"type": "vllm", "model": "some/model"}))
     assert vllm_default.dataset_hook().config_kwargs["chat_template_stage"] is False
-    llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
+    llm = require_module("ray.data.llm", LLM_MISSING)
     cfg = llm.vLLMEngineProcessorConfig(**kw)  # the kwargs are the real config's fields
     assert cfg.model_source == kw["model_source"] and cfg.accelerator_type == "H100"
     assert cfg.engine_kwargs["tensor_parallel_size"] == 2
@@ -487,7 +502,8 @@ def test_vllm_spec_row_functions(world_table):
     stage = Rewrite(make_config({"type": "vllm", "model": "some/model", "spares": 2}))
     spec = stage.dataset_hook()
     rows = pa.concat_tables([table.slice(0, 3), table.slice(N_ROWS, 1)])  # 3 ok rows + 1 not ok
-    rows = rows.append_column("width", pa.array([64, 32, 16, 8], pa.int32()))
+    # not a base column (conform would cast a base one anyway): only the carrier's schema restores it
+    rows = rows.append_column("faces", pa.array([64, 32, 16, 8], pa.int16()))
     rows = rows.append_column(
         "image", pa.array([b"\xff\xd8\xff" + bytes([i]) for i in range(4)], pa.binary())
     )
@@ -517,9 +533,9 @@ def test_vllm_spec_row_functions(world_table):
         return {"generated_text": f" {text}\nnext line => x", "num_generated_tokens": 9}
 
     out = _run_spec_by_hand(spec, rows, vllm_output)
-    for name in ("key", "caption", "status", "width", "image"):
+    for name in ("key", "caption", "status", "faces", "image"):
         assert out.column(name).to_pylist() == rows.column(name).to_pylist()
-        assert out.schema.field(name).type == rows.schema.field(name).type  # int32 stays int32
+        assert out.schema.field(name).type == rows.schema.field(name).type  # int16 stays int16
     rw = out.column("caption_rewrites").to_pylist()
     assert rw[:3] == [[f"A rewrite number {s} of the caption." for s in (0, 2, 4, 5)]] * 3
     assert rw[3] is None and out.column("rewrite_reason").to_pylist()[3] is None
@@ -542,7 +558,7 @@ def test_http_spec_kwargs_and_row_functions(world_table, monkeypatch):
                                      "qps": 2, "max_retries": 3, "base_retry_wait_time_in_s": 0.5}  # fmt: skip
     assert spec.secret_kwargs == {"headers": {"Authorization": "Bearer k-1", "OpenAI-Organization": "org-7"}}
     assert "k-1" not in repr(spec)
-    llm = pytest.importorskip("ray.data.llm", reason="ray.data.llm needs aiohttp")
+    llm = require_module("ray.data.llm", LLM_MISSING)
     cfg = llm.HttpRequestProcessorConfig(**spec.config_kwargs, **spec.secret_kwargs)
     assert cfg.url.endswith("/v1/completions") and cfg.max_retries == 3
     one = table.slice(0, 1)
