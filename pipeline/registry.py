@@ -19,6 +19,8 @@ STAGES: dict[str, str] = {
     "clip_filter": "stages.clip_filter:ClipFilter",
     "balance": "stages.balance:Balance",
     "rewrite": "stages.rewrite:Rewrite",
+    "recaption": "stages.recaption:Recaption",
+    "fuse": "stages.recaption.fuse:Fuse",
     "write": "stages.write:Write",
 }
 

@@ -76,6 +76,13 @@ class ScoreRule(RoleConfig):
     """One rule of ``rules:``: a score column and its bounds (at least one)."""
 
     column: str = Field(DEFAULT_COLUMN, min_length=1, description="The score column.")
+    columns: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Instead of `column`: the rule's score is the row-wise maximum of these columns (e.g. "
+        "`[clip_score, clip_fused]`: the best caption's score; null and NaN count only where all are); its "
+        "tag and state name it `max(a,b)`.",
+    )
     top_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top share of the pool.")
     min_score: float | None = Field(None, description="Keep `score >= min_score`.")
     max_score: float | None = Field(None, description="Keep `score <= max_score`.")
@@ -83,7 +90,27 @@ class ScoreRule(RoleConfig):
     @model_validator(mode="after")
     def _bounds(self):
         _check_bounds(self)
+        if self.columns is not None:
+            if self.column != DEFAULT_COLUMN and self.column != _max_label(self.columns):
+                raise ValueError("give 'column' or 'columns', not both")
+            self.column = _max_label(self.columns)
         return self
+
+
+def _max_label(columns: list[str]) -> str:
+    return f"max({','.join(columns)})"
+
+
+def rule_values(table: pa.Table, column: str, columns: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, null mask) of a rule: its column, or the row-wise maximum of its ``columns``."""
+    if not columns:
+        return as_float(table, column)
+    vals, nulls = zip(*(as_float(table, c) for c in columns))
+    stacked = np.vstack(vals)
+    best = np.full(table.num_rows, np.nan)
+    has = ~np.all(np.isnan(stacked), axis=0)
+    best[has] = np.nanmax(stacked[:, has], axis=0)
+    return best, np.all(np.vstack(nulls), axis=0)
 
 
 class ClipFilterConfig(StageConfig):
@@ -206,7 +233,7 @@ class ClipFilter(Stage):
 
     def required_columns(self) -> tuple[str, ...]:
         """Every column a rule reads (``clip_score`` only when a rule names it)."""
-        return tuple(dict.fromkeys(r.column for r in self.config.rule_list()))
+        return tuple(dict.fromkeys(c for r in self.config.rule_list() for c in (r.columns or [r.column])))
 
     @property
     def fit_columns(self) -> tuple[str, ...]:  # type: ignore[override] - depends on the config
@@ -219,14 +246,14 @@ class ClipFilter(Stage):
         ok = pc.equal(batch.column("status"), OK).fill_null(False)
         rows = batch.filter(ok)
         state: dict[str, Any] = {"values": {}, "missing": {}}
-        for col in self.required_columns():
-            vals, null = as_float(rows, col)
-            state["values"][col] = vals
-            state["missing"][col] = int(null.sum())
+        for r in self.config.rule_list():
+            vals, null = rule_values(rows, r.column, r.columns)
+            state["values"][r.column] = vals
+            state["missing"][r.column] = int(null.sum())
         return state
 
     def merge(self, states: list[dict[str, Any]]) -> dict[str, Any]:
-        cols = self.required_columns()
+        cols = tuple(dict.fromkeys(r.column for r in self.config.rule_list()))
         values = {c: np.concatenate([np.empty(0), *(s["values"][c] for s in states)]) for c in cols}
         missing = {c: sum(s["missing"][c] for s in states) for c in cols}
         n = len(values[cols[0]])
@@ -263,7 +290,7 @@ class ClipFilter(Stage):
         reasons: list[str | None] = [None] * batch.num_rows
         for rule in state["rules"]:
             col = rule["column"]
-            vals, null = as_float(batch, col)
+            vals, null = rule_values(batch, col, rule.get("columns"))
             bad = ~_passes(vals, rule)
             for i in np.flatnonzero(bad):
                 if tags[i] is None:
