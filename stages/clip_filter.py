@@ -262,7 +262,10 @@ class ClipFilter(Stage):
         for r in self.config.rule_list():
             vals = values[r.column]
             thr = datacomp_threshold(vals, r.top_fraction) if r.top_fraction is not None else None
-            rule = {**r.model_dump(), "threshold": thr}
+            dump = r.model_dump()
+            if dump["columns"] is None:  # the one-column rule's state keeps its earlier shape
+                del dump["columns"]
+            rule = {**dump, "threshold": thr}
             passes = _passes(vals, rule)
             kept &= passes
             n_nan = int(np.isnan(vals).sum()) - missing[r.column]
