@@ -167,7 +167,17 @@ def test_clip_filter_rule_over_the_best_caption():
 def test_workflows_validate(tmp_path):
     from pipeline import config, plan
 
-    order = ["read", "download", "clip_score", "recaption", "fuse", "clip_score", "clip_filter", "write"]
+    order = [
+        "read",
+        "download",
+        "clip_score",
+        "recaption",
+        "fuse",
+        "clip_score",
+        "clip_score",
+        "clip_filter",
+        "write",
+    ]
     pipe = config.load(REPO / "workflows" / "recaption.yaml")
     assert [s.name for s in plan.check(pipe)] == order
     prod = config.load(REPO / "workflows" / "recaption_vllm.yaml")
