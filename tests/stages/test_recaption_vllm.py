@@ -94,3 +94,25 @@ def test_pil_image_format_and_tensor_parallel():
 def test_vllm_has_no_in_stage_path():
     with pytest.raises(RuntimeError, match="ray.data.llm"):
         _stage().process(_batch())
+
+
+def test_openai_engine_under_ray_sends_the_image_as_a_data_uri():
+    """The ``openai`` engine's ``ray.data.llm`` processor (``HttpRequestProcessorConfig``): the request
+    payload carries the row's bytes as an ``image_url`` data URI (built, not sent: the HTTP path itself is
+    tested against the local server without Ray in test_recaption_openai.py)."""
+    from stages.recaption import Recaption
+
+    stage = Recaption({"engine": {"type": "openai", "model": "toy-vlm", "base_url": "http://127.0.0.1:9/v1"}})
+    hook = stage.dataset_hook()
+    assert hook.config_class == "HttpRequestProcessorConfig"
+    assert hook.config_kwargs["url"] == "http://127.0.0.1:9/v1/chat/completions"
+    batch = _batch()
+    req = hook.preprocess(hook.explode(batch).to_pylist()[0])
+    part = req["payload"]["messages"][-1]["content"][0]
+    assert decode_data_uri(part["image_url"]["url"]) == batch["image"][0].as_py()
+    out = hook.collect(
+        pa.Table.from_pylist(
+            [hook.postprocess({**req, "http_response": {"text": "a red circle", "error": None}})]
+        )
+    )
+    assert out.column("caption_recap").to_pylist() == ["a red circle"]
