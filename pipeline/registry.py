@@ -23,6 +23,8 @@ STAGES: dict[str, str] = {
     "balance": "stages.balance:Balance",
     "balance_worldwide": "stages.worldwide:WorldwideBalance",
     "rewrite": "stages.rewrite:Rewrite",
+    "recaption": "stages.recaption:Recaption",
+    "fuse": "stages.recaption.fuse:Fuse",
     "write": "stages.write:Write",
 }
 

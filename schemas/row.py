@@ -81,6 +81,11 @@ STAGE_FIELDS: dict[str, pa.DataType] = {
     # rewrite
     "caption_rewrites": pa.list_(pa.string()),
     "rewrite_reason": pa.string(),
+    # recaption / fuse (stages/recaption)
+    "caption_recap": pa.string(),
+    "recap_reason": pa.string(),
+    "caption_fused": pa.string(),
+    "fuse_reason": pa.string(),
 }
 
 # Columns by role, for readers that must not know which stage adds them (the HTML report):

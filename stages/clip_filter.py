@@ -77,6 +77,13 @@ class ScoreRule(RoleConfig):
     """One rule of ``rules:``: a score column and its bounds (at least one)."""
 
     column: str = Field(DEFAULT_COLUMN, min_length=1, description="The score column.")
+    columns: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Instead of `column`: the rule's score is the row-wise maximum of these columns (e.g. "
+        "`[clip_score, clip_fused]`: the best caption's score; null and NaN count only where all are); its "
+        "tag and state name it `max(a,b)`.",
+    )
     top_fraction: float | None = Field(None, gt=0, le=1, description="Keep this top share of the pool.")
     min_score: float | None = Field(None, description="Keep `score >= min_score`.")
     max_score: float | None = Field(None, description="Keep `score <= max_score`.")
@@ -84,7 +91,27 @@ class ScoreRule(RoleConfig):
     @model_validator(mode="after")
     def _bounds(self):
         _check_bounds(self)
+        if self.columns is not None:
+            if self.column != DEFAULT_COLUMN and self.column != _max_label(self.columns):
+                raise ValueError("give 'column' or 'columns', not both")
+            self.column = _max_label(self.columns)
         return self
+
+
+def _max_label(columns: list[str]) -> str:
+    return f"max({','.join(columns)})"
+
+
+def rule_values(table: pa.Table, column: str, columns: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, null mask) of a rule: its column, or the row-wise maximum of its ``columns``."""
+    if not columns:
+        return as_float(table, column)
+    vals, nulls = zip(*(as_float(table, c) for c in columns))
+    stacked = np.vstack(vals)
+    best = np.full(table.num_rows, np.nan)
+    has = ~np.all(np.isnan(stacked), axis=0)
+    best[has] = np.nanmax(stacked[:, has], axis=0)
+    return best, np.all(np.vstack(nulls), axis=0)
 
 
 class ClipFilterConfig(StageConfig):
@@ -207,7 +234,7 @@ class ClipFilter(Stage):
 
     def required_columns(self) -> tuple[str, ...]:
         """Every column a rule reads (``clip_score`` only when a rule names it)."""
-        return tuple(dict.fromkeys(r.column for r in self.config.rule_list()))
+        return tuple(dict.fromkeys(c for r in self.config.rule_list() for c in (r.columns or [r.column])))
 
     @property
     def fit_columns(self) -> tuple[str, ...]:  # type: ignore[override] - depends on the config
@@ -219,16 +246,24 @@ class ClipFilter(Stage):
         """Two rounds when a rule has ``top_fraction`` (sketch, then the rows near the cut); else one."""
         return 2 if any(r.top_fraction is not None for r in self.config.rule_list()) else 1
 
+    def _rule_dumps(self) -> list[dict[str, Any]]:
+        """The rules as dicts; a one-column rule's state keeps its earlier shape (no ``columns``)."""
+        dumps = [r.model_dump() for r in self.config.rule_list()]
+        for d in dumps:
+            if d["columns"] is None:
+                del d["columns"]
+        return dumps
+
     def fit_partial(self, batch: pa.Table) -> dict[str, Any]:
         """Round 1: counts and a histogram per ``top_fraction`` column; round 2 (the sketch loaded):
         counts of the rows decided by the sketch and the scores in each rule's bracket bin."""
         ok = pc.equal(batch.column("status"), OK).fill_null(False)
         rows = batch.filter(ok)
-        cols = {c: as_float(rows, c) for c in self.required_columns()}
+        cols = {r.column: rule_values(rows, r.column, r.columns) for r in self.config.rule_list()}
         sketch = getattr(self, "_state", None)
         if sketch is not None and sketch.get("round") == 1:
             return sketch_mod.refine_partial(sketch["rules"], cols)
-        rules = [r.model_dump() for r in self.config.rule_list()]
+        rules = self._rule_dumps()
         return sketch_mod.first_partial(rules, cols, self.fit_rounds == 1)
 
     def combine(self, partials: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,7 +271,7 @@ class ClipFilter(Stage):
         return sketch_mod.combine(partials)
 
     def merge(self, states: list[dict[str, Any]]) -> dict[str, Any]:
-        rules = [r.model_dump() for r in self.config.rule_list()]
+        rules = self._rule_dumps()
         sketch = getattr(self, "_state", None)
         if self.fit_rounds == 2 and (sketch is None or sketch.get("round") != 1):
             return sketch_mod.first_merge(rules, sketch_mod.combine(states))
@@ -266,7 +301,7 @@ class ClipFilter(Stage):
         reasons: list[str | None] = [None] * batch.num_rows
         for rule in state["rules"]:
             col = rule["column"]
-            vals, null = as_float(batch, col)
+            vals, null = rule_values(batch, col, rule.get("columns"))
             bad = ~_passes(vals, rule)
             for i in np.flatnonzero(bad):
                 if tags[i] is None:

@@ -148,7 +148,7 @@ def _empty_counts(rules: list[dict]) -> dict[str, Any]:
 
 def _rule_out(r: dict, p: dict, threshold, kept: int) -> dict[str, Any]:
     col = r["column"]
-    base = {k: r[k] for k in ("column", "top_fraction", "min_score", "max_score")}
+    base = {k: r[k] for k in ("column", "columns", "top_fraction", "min_score", "max_score") if k in r}
     return {**base, "threshold": threshold, "n_nan": p["nan"][col] - p["missing"][col],
             "n_missing": p["missing"][col], "kept": kept}  # fmt: skip
 

@@ -34,13 +34,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas import OK, TAR_EXCLUDED_COLUMNS, Status
 from schemas.manifest import TAR_SUFFIX, ShardStats, shard_files, shard_name
 from schemas.members import add_member, image_ext
 from schemas.row import OWN_STATUS_COLUMN, SHARD_COL, is_heavy
-from stages import reshard
+from stages import caption_choice, reshard
 from stages.base import RoleConfig
 from stages.io import atomic_write_bytes
 from stages.reshard import STAGED_DIR, TAR_COL
@@ -80,6 +80,21 @@ class WriteConfig(RoleConfig):
     caption_member: Literal["original", "rewrite"] = Field(
         "original", description="What `KEY.txt` holds: the original caption, or the first rewrite."
     )
+    caption_choice: Literal["original", "recap", "fused", "mix"] | None = Field(
+        None,
+        description="What `KEY.txt` holds when recaptioning ran (`stages/caption_choice.py`): `original`, "
+        "`recap`, `fused`, or `mix` (per sample, the fused/recap caption with probability `mix_p`, else the "
+        "original; seeded by `mix_seed` and the key). Recorded in `caption_kind`; null: `caption_member` decides.",
+    )
+    mix_p: float = Field(0.8, ge=0.0, le=1.0, description="`mix`: probability of the generated caption.")
+    mix_seed: int = Field(0, description="`mix`: seeds the per-sample draw.")
+
+    @model_validator(mode="after")
+    def _one_caption_rule(self):
+        if self.caption_choice is not None and self.caption_member != "original":
+            raise ValueError("give 'caption_choice' or caption_member: rewrite, not both")
+        return self
+
     rewrite_members: bool = Field(
         False, description="Also write each rewrite as `KEY.rewrite0.txt`, `KEY.rewrite1.txt`, ..."
     )
@@ -126,6 +141,8 @@ class Write(Sink):
             tar_file = f"{STAGED_DIR}/{tar_file}"
         tar_path, pq_path, stats_path = (f"{root.rstrip('/')}/{f}" for f in (tar_file, pq_file, stats_file))
         rows = keep_per_status(rows.drop_columns([SHARD_COL]), self.config.rejected_thumbnails)
+        c = self.config
+        rows = caption_choice.annotate(rows, c.caption_choice, c.mix_p, c.mix_seed)
         shown = self._compat(rows) if self.config.img2dataset_compat else rows
         tar_bytes, in_tar = self._tar(rows, shown)
         atomic_write_bytes(fs, tar_path, tar_bytes)
@@ -174,6 +191,8 @@ class Write(Sink):
                 rw = (rewrites[i] or []) if rewrites is not None else []
                 if self.config.caption_member == "rewrite" and rw:
                     text = rw[0]
+                if self.config.caption_choice is not None:
+                    text = caption_choice.caption_text(m)
                 add_member(tar, f"{key}.txt", text.encode("utf-8"))
                 if self.config.rewrite_members:
                     for j, r in enumerate(rw):

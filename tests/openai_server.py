@@ -11,6 +11,11 @@ OpenAI-compatible server:
   ``choices[i].message.content``.
 * ``GET /v1/models``.
 
+With ``vlm_dir`` (the demo's toy VLM) a chat request whose messages hold an ``image_url`` part with a
+base64 ``data:`` URI, as vLLM's server accepts them for vision-language models, is answered by that
+model through the ``recaption`` stage's transformers engine (``generate_messages``); a URL that is not
+a data URI is a 400.
+
 Failure injection: with ``fail_500_every=N`` every N-th POST is answered ``500`` and with
 ``fail_429_every=M`` every M-th ``429`` (with ``Retry-After: 0``), both with an OpenAI-style JSON error
 body. ``fail_500_when(request_json)`` (called under the server's lock) answers ``500`` to the requests it
@@ -40,6 +45,7 @@ class ToyLMServer:
         api_key: str | None = None,
         fail_500_when=None,
         record_headers: tuple[str, ...] = (),
+        vlm_dir: str | None = None,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,6 +60,15 @@ class ToyLMServer:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.log: list[tuple[str, int]] = []
+        self.vlm = None
+        if vlm_dir is not None:
+            from stages.recaption.config import RecaptionConfig
+            from stages.recaption.engines.transformers_engine import RecapTransformersEngine
+            from stages.recaption.prompt import RecapPrompts
+
+            cfg = RecaptionConfig(engine={"type": "transformers", "model": vlm_dir, "device": "cpu"})
+            self.vlm = RecapTransformersEngine(cfg, RecapPrompts(cfg))
+            self.vlm.setup()
         self._count = 0
         self._lock = threading.Lock()  # one generation at a time; also guards the counters
         self._httpd: ThreadingHTTPServer | None = None
@@ -151,6 +166,9 @@ class ToyLMServer:
             messages = req.get("messages")
             if not isinstance(messages, list):
                 return self._logged(path, 400, _error("'messages' must be a list", 400))
+            images = _images(messages)
+            if images:
+                return self._logged(path, *self._vision(req, messages, images, n))
             prompts = [self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
             obj, chat = "chat.completion", True
         else:
@@ -170,6 +188,31 @@ class ToyLMServer:
         body = {"id": f"cmpl-{n}", "object": obj, "created": int(time.time()), "model": self.model_name,
                 "choices": choices}  # fmt: skip
         return self._logged(path, 200, body)
+
+    def _vision(self, req: dict, messages: list, images: list, n: int) -> tuple[int, dict]:
+        """A chat completion of the toy VLM for messages with one image (a data: URI)."""
+        from stages.recaption.prompt import decode_data_uri
+
+        if self.vlm is None:
+            return 400, _error("this server has no vision model (vlm_dir)", 400)
+        if len(images) != 1:
+            return 400, _error("exactly one image per request", 400)
+        try:
+            data = decode_data_uri(images[0])
+        except ValueError as e:
+            return 400, _error(f"image_url: {e}", 400)
+        update = {
+            "temperature": float(req.get("temperature", 0.0)),
+            "max_new_tokens": int(req.get("max_tokens") or 32),
+        }
+        with self._lock:
+            self.vlm.config = self.vlm.config.model_copy(update=update)
+            ((text, err),) = self.vlm.generate_messages([(messages, data, int(req.get("seed") or 0))])
+        if err:
+            return 400, _error(err, 400)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        return 200, {"id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()),
+                     "model": self.model_name, "choices": [choice]}  # fmt: skip
 
     def _logged(self, path: str, status: int, body: dict, extra: dict | None = None):
         with self._lock:
@@ -200,6 +243,18 @@ class ToyLMServer:
             return text[: min(cuts)], "stop"
         ended = len(new) and int(new[-1]) == self.tok.eos_token_id
         return text, "stop" if ended or len(new) < max_tokens else "length"
+
+
+def _images(messages: list) -> list[str]:
+    """The ``image_url`` URLs of chat messages (OpenAI content parts)."""
+    urls = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                url = part.get("image_url")
+                urls.append(url.get("url", "") if isinstance(url, dict) else str(url))
+    return urls
 
 
 def _error(message: str, code: int) -> dict:

@@ -128,6 +128,12 @@ class ClipScoreConfig(ComputeConfig):
         None, description="Reject rows whose score is below this (`filtered_clip`)."
     )
     embeddings: bool = Field(False, description="Also output `image_embedding` / `text_embedding` (float16).")
+    text_column: str = Field(
+        "caption",
+        description="The caption column scored against the image: `caption` (the alt-text), or another "
+        "string column an earlier stage writes (`caption_recap`, `caption_fused`); null cells score as ''. "
+        "To keep several caption kinds' scores, run the stage again with `models:` naming another column.",
+    )
     flipped: bool = Field(
         False, description="Also output `clip_score_flipped`: the score of the horizontally flipped image."
     )

@@ -53,6 +53,9 @@ class ClipScore(Stage):
     requires = ("image", "caption")
     produces = ("clip_score",)
 
+    def required_columns(self) -> tuple[str, ...]:
+        return ("image", self.config.text_column)
+
     def resources(self) -> Resources:
         c = self.config
         return Resources(
@@ -87,6 +90,8 @@ class ClipScore(Stage):
             info["models"] = [
                 {"column": p.column, "model": p.model, "pretrained": p.pretrained} for p in model_plans(c)
             ]
+        if c.text_column != "caption":
+            info["text_column"] = c.text_column
         if c.heads:
             info["heads"] = [{"column": h.column, "model": head_model(c, h), "path": h.path} for h in c.heads]
         return info
@@ -197,7 +202,7 @@ class ClipScore(Stage):
         c = self.config
         n = batch.num_rows
         images = batch.column("image").to_pylist()
-        captions = [s or "" for s in batch.column("caption").to_pylist()]
+        captions = [s or "" for s in batch.column(self.config.text_column).to_pylist()]
         cols = self.output_columns()
         values: dict[str, list] = {k: [None] * n for k in cols}
         errors: list[str | None] = [None] * n

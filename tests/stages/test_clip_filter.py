@@ -422,7 +422,7 @@ def test_rule_config_errors_and_the_plan_checks_rule_columns():
         load({"rules": [{"column": "nsfw"}]})
     with pytest.raises(
         ConfigError,
-        match=r"unknown key 'rules.0.min' — allowed keys: column, max_score, min_score, top_fraction",
+        match=r"unknown key 'rules.0.min' — allowed keys: column, columns, max_score, min_score, top_fraction",
     ):
         load({"rules": [{"column": "nsfw", "min": 0.5}]})
 

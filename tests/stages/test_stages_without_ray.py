@@ -32,9 +32,13 @@ CONFIGS = {
     "balance_worldwide": {"language_column": "language", "t": 5},  # metadata: a folder the test makes
     "rewrite": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")}, "n_rewrites": 1,
                 "max_new_tokens": 24},
+    "recaption": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_vlm"), "device": "cpu"},
+                  "prompt_mode": "altogether"},
+    "fuse": {"engine": {"type": "transformers", "model": str(REPO / "demo" / "assets" / "toy_lm")},
+             "max_new_tokens": 24},
 }
 ORDER = ["download", "basic_filter", "dedup", "clip_score", "near_dedup", "semdedup", "decontaminate", "clip_filter",
-         "balance", "balance_worldwide", "rewrite"]  # fmt: skip
+         "balance", "balance_worldwide", "rewrite", "recaption", "fuse"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
