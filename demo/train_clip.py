@@ -86,9 +86,9 @@ def as_pipeline_image(data: bytes, resizer: Resizer) -> Image.Image:
     return Image.open(io.BytesIO(out))
 
 
-def augment(data: bytes, rng: random.Random, p: float = 0.8) -> bytes:
+def augment(data: bytes, rng: random.Random, p: float = 0.8, crop_p: float = 0.5) -> bytes:
     """A near-copy of the encoded image ``data`` as the web makes them (``demo/copies.py`` injects such copies):
-    with probability ``p``: each side cropped by 0-6% (half the time), rescaled by 0.5-1.6 (half the time),
+    with probability ``p``: each side cropped by 0-6% (with probability ``crop_p``), rescaled by 0.5-1.6 (half the time),
     every channel shifted by up to 10 levels (half the time), then re-encoded as JPEG at quality 30-95.
     Otherwise ``data`` unchanged. The result still goes through the pipeline's resizer."""
     if rng.random() >= p:
@@ -96,7 +96,7 @@ def augment(data: bytes, rng: random.Random, p: float = 0.8) -> bytes:
     with Image.open(io.BytesIO(data)) as im:
         img = im.convert("RGB")
     w, h = img.size
-    if rng.random() < 0.5:
+    if rng.random() < crop_p:
         left, top, right, bottom = (rng.uniform(0, 0.06) for _ in range(4))
         img = img.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
     if rng.random() < 0.5:
@@ -190,6 +190,7 @@ def train(
     augmented: bool = False,
     hard: bool = False,
     concept_weight: float = 0.0,
+    crop_p: float = 0.5,
 ) -> float:
     """Train and save into ``out_dir`` (config + fp16 safetensors). Returns the final epoch's mean loss.
 
@@ -246,7 +247,7 @@ def train(
         # augmented: every image afresh (its own seeded stream), then through the pipeline's resizer
         views = fixed if not augmented else [
             torch.stack([
-                preprocess(as_pipeline_image(augment(p.data, random.Random(f"{TRAIN_SEED}:{epoch}:{i}:{v}")), resizer))
+                preprocess(as_pipeline_image(augment(p.data, random.Random(f"{TRAIN_SEED}:{epoch}:{i}:{v}"), crop_p=crop_p), resizer))
                 for i, p in enumerate(pairs)
             ])
             for v in range(n_views)
@@ -332,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--concept-weight", type=float, default=0.0, help="experimental: image-image concept term"
     )
+    ap.add_argument(
+        "--crop-p", type=float, default=0.5, help="experimental: share of augmented images cropped"
+    )
     ap.add_argument("--eval-only", action="store_true", help="only recompute demo_threshold.json")
     a = ap.parse_args(argv)
     out = a.out.resolve()
@@ -349,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             a.augment,
             a.hard_batches,
             a.concept_weight,
+            a.crop_p,
         )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
