@@ -6,7 +6,12 @@
    the demo pipeline will: img2dataset's ``Resizer`` to 64 px in ``border`` mode (the whole image is
    kept, padded with white to a square), JPEG re-encode, then open_clip's own preprocess transform.
 2. Train a tiny open_clip ``CLIP`` (3-layer ViT, 64 px, narrow text tower on open_clip's default BPE
-   vocab) with open_clip's ``ClipLoss`` (in-batch contrastive), deterministic, on CPU.
+   vocab) with open_clip's ``ClipLoss`` (in-batch contrastive), deterministic, on CPU. Each epoch sees
+   every image freshly augmented *before* the pipeline's resizer (``augment``: a crop of 0-6% per side,
+   a rescale, a colour shift of up to 10 levels per channel, a JPEG re-encode at quality 30-95), so that
+   near-copies of an image embed next to it (the semantic dedup tier relies on it), and in batches made of
+   groups of one colour on one background with different shapes (``hard_batches``), so that the image
+   embedding has to tell shapes apart within a colour, not only colours.
 3. Save ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``, so that
    ``open_clip.create_model_and_transforms("local-dir:demo/assets/toy_clip")``,
    ``open_clip.get_tokenizer("local-dir:demo/assets/toy_clip")`` and
@@ -64,6 +69,7 @@ PREPROCESS_CFG = {
     "fill_color": 0,
 }
 TRAIN_SEED = 1234
+CONCEPT_SCALE = 10.0  # inverse temperature of the image-image (concept) term
 DEMO_WORLD = {"n": 400, "seed": 0, "mismatch_rate": 0.15, "n_broken": 8}
 
 
@@ -78,6 +84,51 @@ def as_pipeline_image(data: bytes, resizer: Resizer) -> Image.Image:
     if err is not None:
         raise ValueError(err)
     return Image.open(io.BytesIO(out))
+
+
+def augment(data: bytes, rng: random.Random, p: float = 0.8, crop_p: float = 0.5) -> bytes:
+    """A near-copy of the encoded image ``data`` as the web makes them (``demo/copies.py`` injects such copies):
+    with probability ``p``: each side cropped by 0-6% (with probability ``crop_p``), rescaled by 0.5-1.6 (half the time),
+    every channel shifted by up to 10 levels (half the time), then re-encoded as JPEG at quality 30-95.
+    Otherwise ``data`` unchanged. The result still goes through the pipeline's resizer."""
+    if rng.random() >= p:
+        return data
+    with Image.open(io.BytesIO(data)) as im:
+        img = im.convert("RGB")
+    w, h = img.size
+    if rng.random() < crop_p:
+        left, top, right, bottom = (rng.uniform(0, 0.06) for _ in range(4))
+        img = img.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
+    if rng.random() < 0.5:
+        f = rng.uniform(0.5, 1.6)
+        img = img.resize(
+            (max(16, round(img.width * f)), max(16, round(img.height * f))), Image.Resampling.BICUBIC
+        )
+    if rng.random() < 0.5:
+        shift = np.array([rng.randint(-10, 10) for _ in range(3)], np.int16)
+        img = Image.fromarray(np.clip(np.asarray(img, np.int16) + shift, 0, 255).astype(np.uint8), "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=rng.randint(30, 95))
+    return buf.getvalue()
+
+
+def hard_batches(pairs, batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches (lists of indices into ``pairs``) made of groups: each group is up to 8 images of one
+    colour on one background, each with a different shape; a batch holds ``batch_size // 8`` groups drawn at
+    random, so its in-batch negatives include the other shapes of the same colour and background."""
+    by_group: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for i, p in enumerate(pairs):
+        by_group.setdefault((p.true_colour, p.background), {}).setdefault(p.true_shape, []).append(i)
+    chunks = []
+    for group in sorted(by_group):
+        lists = [by_group[group][s] for s in sorted(by_group[group])]
+        for lst in lists:
+            rng.shuffle(lst)
+        while any(lists):
+            chunks.append([lst.pop() for lst in lists if lst])
+    rng.shuffle(chunks)
+    per = max(1, batch_size // 8)
+    return [sum(chunks[i : i + per], []) for i in range(0, len(chunks), per)]
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -129,8 +180,24 @@ def choose_threshold(matched: np.ndarray, mismatched: np.ndarray) -> tuple[float
     return best[1], best[2], best[3]
 
 
-def train(out_dir: Path, n_train: int, epochs: int, batch_size: int, lr: float, threads: int) -> float:
-    """Train and save into ``out_dir`` (config + fp16 safetensors). Returns the final epoch's mean loss."""
+def train(
+    out_dir: Path,
+    n_train: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    threads: int,
+    augmented: bool = False,
+    hard: bool = False,
+    concept_weight: float = 0.0,
+    crop_p: float = 0.5,
+) -> float:
+    """Train and save into ``out_dir`` (config + fp16 safetensors). Returns the final epoch's mean loss.
+
+    The defaults train the committed weights. Experimental (issue 13, semantic dedup; not what the committed
+    weights were trained with): ``augmented`` augments every image afresh each epoch (``augment``), ``hard``
+    batches by ``hard_batches``, ``concept_weight`` adds a supervised-contrastive term on two augmented views
+    per image whose positives are the images of the same concept (colour, shape, background)."""
     set_determinism(TRAIN_SEED, threads)
     out_dir.mkdir(parents=True)
     config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
@@ -143,8 +210,21 @@ def train(out_dir: Path, n_train: int, epochs: int, batch_size: int, lr: float, 
 
     t0 = time.perf_counter()
     pairs = list(generate(n_train, seed=TRAIN_SEED, mismatch_rate=0.0, n_broken=0, zipf_s=0.0))
-    images = encode_images(pairs, preprocess, pipeline_resizer())
     texts = tokenizer([p.caption for p in pairs])
+    names = sorted({(p.true_colour, p.true_shape, p.background) for p in pairs})
+    concept = torch.tensor([names.index((p.true_colour, p.true_shape, p.background)) for p in pairs])
+    resizer = pipeline_resizer()
+    gen = torch.Generator().manual_seed(TRAIN_SEED)
+    steps = n_train // batch_size
+    plan = [
+        hard_batches(pairs, batch_size, random.Random(f"{TRAIN_SEED}:batches:{e}"))
+        if hard
+        else torch.randperm(n_train, generator=gen)[: steps * batch_size].view(steps, batch_size).tolist()
+        for e in range(epochs)
+    ]
+    n_views = 2 if concept_weight else 1
+    if not augmented:
+        fixed = [encode_images(pairs, preprocess, resizer)] * n_views
     print(f"training world: {n_train} pairs prepared in {time.perf_counter() - t0:.1f}s")
 
     loss_fn = ClipLoss()
@@ -152,8 +232,8 @@ def train(out_dir: Path, n_train: int, epochs: int, batch_size: int, lr: float, 
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98), eps=1e-6)  # fmt: skip
-    steps_per_epoch = n_train // batch_size
-    total, warmup = steps_per_epoch * epochs, max(1, steps_per_epoch // 2)
+    total = sum(len(b) for b in plan)
+    warmup = max(1, len(plan[0]) // 2)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -162,16 +242,31 @@ def train(out_dir: Path, n_train: int, epochs: int, batch_size: int, lr: float, 
             else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
         ),
     )
-    gen = torch.Generator().manual_seed(TRAIN_SEED)
-    model.train()
     t0 = time.perf_counter()
     for epoch in range(epochs):
-        perm = torch.randperm(n_train, generator=gen)
+        # augmented: every image afresh (its own seeded stream), then through the pipeline's resizer
+        views = fixed if not augmented else [
+            torch.stack([
+                preprocess(as_pipeline_image(augment(p.data, random.Random(f"{TRAIN_SEED}:{epoch}:{i}:{v}"), crop_p=crop_p), resizer))
+                for i, p in enumerate(pairs)
+            ])
+            for v in range(n_views)
+        ]  # fmt: skip
+        model.train()
         losses = []
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            img_f, txt_f, scale = model(images[idx], texts[idx])
+        for batch in plan[epoch]:
+            idx = torch.tensor(batch)
+            img_f, txt_f, scale = model(views[0][idx], texts[idx])
             loss = loss_fn(img_f, txt_f, scale)
+            if concept_weight:  # two augmented views per image; positives: the images of the same concept
+                z = torch.cat([img_f, model.encode_image(views[1][idx], normalize=True)])
+                lab = torch.cat([concept[idx], concept[idx]])
+                logits = CONCEPT_SCALE * z @ z.T
+                self_mask = torch.eye(len(z), dtype=torch.bool)
+                logits = logits.masked_fill(self_mask, -1e9)
+                pos = (lab[:, None] == lab[None, :]) & ~self_mask
+                logp = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+                loss = loss + concept_weight * -((logp * pos).sum(1) / pos.sum(1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -231,6 +326,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--augment", action="store_true", help="experimental: augment every image each epoch")
+    ap.add_argument(
+        "--hard-batches", action="store_true", help="experimental: batches of one colour+background"
+    )
+    ap.add_argument(
+        "--concept-weight", type=float, default=0.0, help="experimental: image-image concept term"
+    )
+    ap.add_argument(
+        "--crop-p", type=float, default=0.5, help="experimental: share of augmented images cropped"
+    )
     ap.add_argument("--eval-only", action="store_true", help="only recompute demo_threshold.json")
     a = ap.parse_args(argv)
     out = a.out.resolve()
@@ -238,7 +343,18 @@ def main(argv: list[str] | None = None) -> None:
         staging = out.with_name(out.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         t0 = time.perf_counter()
-        train(staging, a.n_train, a.epochs, a.batch_size, a.lr, a.threads)
+        train(
+            staging,
+            a.n_train,
+            a.epochs,
+            a.batch_size,
+            a.lr,
+            a.threads,
+            a.augment,
+            a.hard_batches,
+            a.concept_weight,
+            a.crop_p,
+        )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
         print(f"saved to {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.2f} MB) "
