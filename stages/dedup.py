@@ -59,18 +59,19 @@ class DedupConfig(StageConfig):
         return v
 
 
+def key_rank(key: str) -> tuple:
+    """Sort key of a row key: digit keys as numbers (shorter first, then by text), others after, as text
+    (the order every dedup tier keeps the first of)."""
+    return (0, len(key), key) if key.isdigit() else (1, 0, key)
+
+
 def _smaller(a: str, b: str) -> bool:
-    """True if key ``a`` sorts before key ``b``: digit keys as numbers, others after, as text."""
-    da, db = a.isdigit(), b.isdigit()
-    if da and db:
-        return (len(a), a) < (len(b), b)
-    if da != db:
-        return da
-    return a < b
+    """True if key ``a`` sorts before key ``b`` (``key_rank``)."""
+    return key_rank(a) < key_rank(b)
 
 
 def key_order(keys: pa.Array) -> list[tuple[pa.Array, str]]:
-    """Sort keys (for ``Table.sort_by``) that order ``keys`` as ``_smaller`` does."""
+    """Sort keys (for ``Table.sort_by``) that order ``keys`` as ``key_rank`` does."""
     keys = keys.cast(pa.string())
     digit = pc.utf8_is_digit(keys).fill_null(False)
     nd = pc.cast(pc.invert(digit), pa.int8())

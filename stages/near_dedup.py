@@ -30,15 +30,10 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from stages.base import StageConfig, replace_column
+from stages.dedup import key_rank
 from stages.shuffle import PART, ShuffleStage, decisions
 
 RULE = "near_duplicate:phash"
-
-
-def key_order(key: str) -> tuple:
-    """Sort key of a row key: digit keys as numbers (shorter first, then by text), others after, by text
-    (the order exact ``dedup`` keeps the first of)."""
-    return (0, len(key), key) if key.isdigit() else (1, 0, key)
 
 
 def phash_int(data: bytes, hash_size: int) -> int:
@@ -133,7 +128,7 @@ class NearDedup(ShuffleStage):
         for rows in by_part.values():
             if len(rows) < 2:
                 continue
-            rows.sort(key=lambda i: key_order(keys[i]))
+            rows.sort(key=lambda i: key_rank(keys[i]))
             for a in range(1, len(rows)):
                 i = rows[a]
                 for j in rows[:a]:
@@ -142,7 +137,7 @@ class NearDedup(ShuffleStage):
                     d = (hashes[i] ^ hashes[j]).bit_count()
                     if d > self.config.max_distance:
                         continue
-                    cand = (d, key_order(keys[j]), i, keys[j])
+                    cand = (d, key_rank(keys[j]), i, keys[j])
                     if keys[i] not in best or cand[:2] < best[keys[i]][:2]:
                         best[keys[i]] = cand
         found = sorted(best.values(), key=lambda c: c[2])
@@ -163,4 +158,4 @@ class NearDedup(ShuffleStage):
         return super().process(batch)
 
 
-__all__ = ["NearDedup", "NearDedupConfig", "key_order"]
+__all__ = ["NearDedup", "NearDedupConfig"]

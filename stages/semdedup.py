@@ -32,7 +32,7 @@ from pydantic import Field
 
 from schemas import OK
 from stages.base import StageConfig
-from stages.near_dedup import key_order
+from stages.dedup import key_rank
 from stages.shuffle import PART, ShuffleStage, decisions
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class SemDedup(ShuffleStage):
         if not keys:
             return {"centroids": [], "sample_rows": 0, "sample_cluster_sizes": []}
         # in key order: the fit does not depend on the blocks
-        order = sorted(range(len(keys)), key=lambda i: key_order(keys[i]))
+        order = sorted(range(len(keys)), key=lambda i: key_rank(keys[i]))
         x = np.ascontiguousarray(np.asarray([emb[i] for i in order], np.float32))
         k = min(self.config.n_clusters, len(x))
         km = faiss.Kmeans(
@@ -176,10 +176,10 @@ class SemDedup(ShuffleStage):
     def _ranked(self, keys: list[str], cos: np.ndarray) -> list[int]:
         c = self.config
         if c.which_to_keep == "hard":
-            return sorted(range(len(keys)), key=lambda i: (float(cos[i]), key_order(keys[i])))
+            return sorted(range(len(keys)), key=lambda i: (float(cos[i]), key_rank(keys[i])))
         if c.which_to_keep == "easy":
-            return sorted(range(len(keys)), key=lambda i: (-float(cos[i]), key_order(keys[i])))
-        return sorted(range(len(keys)), key=lambda i: (_unit(keys[i], c.seed + 1), key_order(keys[i])))
+            return sorted(range(len(keys)), key=lambda i: (-float(cos[i]), key_rank(keys[i])))
+        return sorted(range(len(keys)), key=lambda i: (_unit(keys[i], c.seed + 1), key_rank(keys[i])))
 
     def decide(self, group: pa.Table) -> pa.Table:
         parts = group.column(PART).to_numpy()

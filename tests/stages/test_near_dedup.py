@@ -11,7 +11,8 @@ from collections import Counter
 
 import pyarrow as pa
 
-from stages.near_dedup import NearDedup, bands, key_order, phash_int
+from stages.dedup import key_rank
+from stages.near_dedup import NearDedup, bands, phash_int
 from stages.shuffle import run_local
 
 
@@ -32,9 +33,9 @@ def oracle(table: pa.Table, hash_size: int, max_distance: int) -> dict[str, str]
     out = {}
     for i, k in enumerate(keys):
         near = [
-            ((hashes[i] ^ hashes[j]).bit_count(), key_order(keys[j]), keys[j])
+            ((hashes[i] ^ hashes[j]).bit_count(), key_rank(keys[j]), keys[j])
             for j in range(len(keys))
-            if key_order(keys[j]) < key_order(k) and (hashes[i] ^ hashes[j]).bit_count() <= max_distance
+            if key_rank(keys[j]) < key_rank(k) and (hashes[i] ^ hashes[j]).bit_count() <= max_distance
         ]
         if near:
             d, _, kept = min(near)

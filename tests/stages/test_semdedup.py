@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from stages.near_dedup import key_order
+from stages.dedup import key_rank
 from stages.semdedup import SemDedup, _unit
 from stages.shuffle import run_local
 from tests.conftest import REPO
@@ -53,9 +53,9 @@ def oracle(stage: SemDedup, table: pa.Table) -> dict[str, tuple[str, float]]:
     for cl in set(cluster.tolist()):
         rows = [i for i in range(len(keys)) if cluster[i] == cl]
         rank = {
-            "hard": lambda i: (float(cos[i]), key_order(keys[i])),
-            "easy": lambda i: (-float(cos[i]), key_order(keys[i])),
-            "random": lambda i: (_unit(keys[i], c.seed + 1), key_order(keys[i])),
+            "hard": lambda i: (float(cos[i]), key_rank(keys[i])),
+            "easy": lambda i: (-float(cos[i]), key_rank(keys[i])),
+            "random": lambda i: (_unit(keys[i], c.seed + 1), key_rank(keys[i])),
         }[c.which_to_keep]
         rows.sort(key=rank)
         for a in range(1, len(rows)):
