@@ -15,10 +15,10 @@ import io
 from typing import Any
 
 from stages.base import ProcessorHook
-from stages.recaption.engines.base import Generation, RecapEngine
+from stages.recaption.engines.base import RecapEngine
 from stages.recaption.prompt import RecapPrompts, data_uri
 from stages.recaption.raypath import RecapRayPath
-from stages.rewrite.engines.vllm_engine import VLLM_INSTALL
+from stages.rewrite.engines.vllm_engine import VLLM_INSTALL, engine_kwargs, vllm_text
 
 
 def image_part(data: bytes, image_format: str) -> dict[str, Any]:
@@ -44,10 +44,6 @@ def vllm_request(config, prompts: RecapPrompts, caption: str, image: bytes, seed
     }
 
 
-def vllm_text(row: dict[str, Any]) -> Generation:
-    return row.get("generated_text"), None
-
-
 class RecapVLLMEngine(RecapEngine):
     type = "vllm"
     in_stage = False
@@ -60,10 +56,8 @@ class RecapVLLMEngine(RecapEngine):
         return [("vllm", "engine.type", VLLM_INSTALL)]
 
     def engine_kwargs(self) -> dict[str, Any]:
-        kw = dict(self.engine.engine_kwargs)
+        kw = engine_kwargs(self.engine.engine_kwargs, self.config.num_gpus)
         kw.setdefault("limit_mm_per_prompt", dict(self.engine.limit_mm_per_prompt))
-        if self.config.num_gpus > 1 and "tensor_parallel_size" not in kw:
-            kw["tensor_parallel_size"] = int(self.config.num_gpus)
         return kw
 
     def hook(self) -> ProcessorHook:

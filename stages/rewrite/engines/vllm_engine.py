@@ -30,6 +30,15 @@ def vllm_request(config, prompts: Prompts, caption: str, examples: list[int], se
     return out
 
 
+def engine_kwargs(given: dict[str, Any], num_gpus: float) -> dict[str, Any]:
+    """vLLM's engine kwargs: the configured ones, with ``tensor_parallel_size`` = the GPUs of a replica
+    when it holds several and none is given."""
+    kw = dict(given)
+    if num_gpus > 1 and "tensor_parallel_size" not in kw:
+        kw["tensor_parallel_size"] = int(num_gpus)
+    return kw
+
+
 def vllm_text(row: dict[str, Any]) -> Generation:
     """(text, error) of a vLLM output row (engine errors arrive as ``__inference_error__``)."""
     return row.get("generated_text"), None
@@ -47,10 +56,7 @@ class VLLMEngine(Engine):
         return [("vllm", "engine.type", VLLM_INSTALL)]
 
     def engine_kwargs(self) -> dict[str, Any]:
-        kw = dict(self.engine.engine_kwargs)
-        if self.config.num_gpus > 1 and "tensor_parallel_size" not in kw:
-            kw["tensor_parallel_size"] = int(self.config.num_gpus)
-        return kw
+        return engine_kwargs(self.engine.engine_kwargs, self.config.num_gpus)
 
     def hook(self) -> ProcessorHook:
         c, e = self.config, self.engine
