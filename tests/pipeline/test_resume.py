@@ -21,6 +21,9 @@ import pytest
 from tests.conftest import REPO, demo_pipeline, open_clip_train, tar_samples
 
 SMALL_SHARDS = "samples_per_shard=25"
+# One LaCLIP rewrite per caption instead of the demo's four: the runs below test what a kill leaves and how a
+# resume repairs it, not the rewriting (tests/stages/test_rewrite.py); the toy LM is most of a demo run's time.
+ONE_REWRITE = "stages.rewrite.n_rewrites=1"
 
 
 def _tar_images(out: Path) -> dict[str, bytes]:
@@ -53,7 +56,8 @@ def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
     cmd = [
         sys.executable, "-m", "pipeline", "run", str(REPO / "workflows" / "demo.yaml"),
         "--output", str(killed), "--no-report",
-        "--set", f"stages.read.path={demo_urls}", "--set", SMALL_SHARDS, "--set", "ray.show_progress=false",
+        "--set", f"stages.read.path={demo_urls}", "--set", SMALL_SHARDS, "--set", ONE_REWRITE,
+        "--set", "ray.show_progress=false",
     ]  # fmt: skip
     n_shards = -(-pq.read_metadata(demo_urls).num_rows // 25)
     proc = subprocess.Popen(
@@ -87,19 +91,19 @@ def test_exactly_once_after_kill_9(ray_session, demo_urls, tmp_path):
     for p in planted_tmp:
         p.write_bytes(b"partial")
 
-    resumed = executor.run(demo_pipeline(demo_urls, killed, [SMALL_SHARDS]))
+    resumed = executor.run(demo_pipeline(demo_urls, killed, [SMALL_SHARDS, ONE_REWRITE]))
     assert resumed["resumed"] is True
     assert {n: _identity(killed / n) for n in kept} == kept, "shards completed before the kill are kept"
     assert not any(p.exists() for p in planted_tmp), "temporary files of the killed run are removed"
     assert (killed / f"{todo}_stats.json").is_file() and (killed / f"{todo}.tar").read_bytes() != junk_tar
-    clean = executor.run(demo_pipeline(demo_urls, tmp_path / "clean", [SMALL_SHARDS]))
+    clean = executor.run(demo_pipeline(demo_urls, tmp_path / "clean", [SMALL_SHARDS, ONE_REWRITE]))
 
     a, b = _tar_images(killed), _tar_images(tmp_path / "clean")
     assert set(a) == set(b) and len(a) > 0
     assert all(a[k] == b[k] for k in a), "same image bytes per key"
     ra, rb = _rows(killed).sort("key"), _rows(tmp_path / "clean").sort("key")
     assert ra["key"].is_unique().all() and ra.height == rb.height == pq.read_metadata(demo_urls).num_rows
-    cols = ["key", "url", "caption", "status", "reason", "width", "height", "sha256"]
+    cols = ["key", "url", "caption", "status", "reason", "width", "height", "sha256", "caption_rewrites"]
     assert ra.select(cols).equals(rb.select(cols))
     assert _leftovers(killed) == []
     for k in ("total_rows", "total_samples", "status_counts", "stage_status"):
@@ -128,7 +132,7 @@ def test_killed_actor_loses_no_rows(ray_session, demo_urls, tmp_path):
 
     marker = tmp_path / "killed-once"
     kill = {"tests.plugins:KillOnce": {"marker": str(marker), "num_cpus": 0}}
-    m = executor.run(demo_pipeline(demo_urls, tmp_path / "out", [SMALL_SHARDS], insert={3: kill}))
+    m = executor.run(demo_pipeline(demo_urls, tmp_path / "out", [SMALL_SHARDS, ONE_REWRITE], insert={3: kill}))
     assert marker.exists(), "the actor was killed"
     rows = _rows(tmp_path / "out")
     n = pq.read_metadata(demo_urls).num_rows
