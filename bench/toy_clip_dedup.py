@@ -1,6 +1,6 @@
 """How a toy CLIP's image embeddings serve the semantic dedup tier (issue 13, acceptance 3), without HTTP.
 
-    .venv/bin/python bench/toy_clip_dedup.py MODEL_DIR [--eps 0.004,0.01] [--n-clusters 5]
+    .venv/bin/python bench/toy_clip_dedup.py MODEL_DIR [--eps 0.004,0.01] [--n-clusters 5] [--seed 0]
 
 The near-copies world of ``tests/conftest.py::copies_pool`` (``make_world(n=400, seed=0, n_copies=120)``), each
 file through img2dataset's ``Resizer`` as the dedup workflow downloads it (64 px, ``border``, JPEG q90; the
@@ -42,9 +42,9 @@ from stages.shuffle import run_local  # noqa: E402
 KINDS = ("reencode", "resize", "crop", "recolour")
 
 
-def pool() -> pa.Table:
+def pool(seed: int = 0) -> pa.Table:
     """The world's decodable rows, resized as the dedup workflow downloads them (``image``), keys ``0000``..."""
-    d = make_world(Path(tempfile.mkdtemp()), n=400, seed=0, n_copies=120)
+    d = make_world(Path(tempfile.mkdtemp()), n=400, seed=seed, n_copies=120)
     t = pq.read_table(d / "world.parquet")
     rz = Resizer(64, "border", False, encode_format="jpg", encode_quality=90)
     imgs, keep = [], []
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--eps", default="0.004,0.01,0.02,0.05")
     ap.add_argument("--n-clusters", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0, help="the world's seed (the tests' copies_pool: 0)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    t = pool()
+    t = pool(a.seed)
     model, pre, _ = load(a.model_dir)
     with torch.no_grad():
         x = torch.stack(

@@ -6,12 +6,13 @@
    the demo pipeline will: img2dataset's ``Resizer`` to 64 px in ``border`` mode (the whole image is
    kept, padded with white to a square), JPEG re-encode, then open_clip's own preprocess transform.
 2. Train a tiny open_clip ``CLIP`` (3-layer ViT, 64 px, narrow text tower on open_clip's default BPE
-   vocab) with open_clip's ``ClipLoss`` (in-batch contrastive), deterministic, on CPU. Each epoch sees
-   every image freshly augmented *before* the pipeline's resizer (``augment``: a crop of 0-6% per side,
-   a rescale, a colour shift of up to 10 levels per channel, a JPEG re-encode at quality 30-95), so that
-   near-copies of an image embed next to it (the semantic dedup tier relies on it), and in batches made of
-   groups of one colour on one background with different shapes (``hard_batches``), so that the image
-   embedding has to tell shapes apart within a colour, not only colours.
+   vocab) with open_clip's ``ClipLoss`` (in-batch contrastive), deterministic, on CPU, on the same
+   prepared images every epoch (the committed weights). Experimental options, for the semantic dedup tier
+   (issue 13; ``bench/toy_clip_dedup.py`` measures a candidate, bench/RESULTS.md has the attempts): every
+   image freshly augmented each epoch *before* the pipeline's resizer (``--augment``: a crop of 0-6% per
+   side, a rescale, a colour shift of up to 10 levels per channel, a JPEG re-encode at quality 30-95);
+   batches of one colour on one background with different shapes (``--hard-batches``); an image-image
+   concept term (``--concept-weight``); another image tower (``--vision-cfg``, e.g. a small ResNet).
 3. Save ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``, so that
    ``open_clip.create_model_and_transforms("local-dir:demo/assets/toy_clip")``,
    ``open_clip.get_tokenizer("local-dir:demo/assets/toy_clip")`` and
@@ -336,8 +337,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--crop-p", type=float, default=0.5, help="experimental: share of augmented images cropped"
     )
+    ap.add_argument(
+        "--vision-cfg",
+        type=json.loads,
+        default=None,
+        help='experimental: the image tower\'s open_clip vision_cfg as JSON, replacing the ViT, e.g. '
+        '\'{"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}\' (a ModifiedResNet)',
+    )
     ap.add_argument("--eval-only", action="store_true", help="only recompute demo_threshold.json")
     a = ap.parse_args(argv)
+    if a.vision_cfg is not None:
+        MODEL_CFG["vision_cfg"] = a.vision_cfg
     out = a.out.resolve()
     if not a.eval_only:
         staging = out.with_name(out.name + ".tmp")
