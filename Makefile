@@ -44,6 +44,7 @@ lint: $(STAMP)
 
 train-demo-models: $(STAMP)
 	$(BIN)/python -m demo.train_clip
+	$(BIN)/python -m demo.train_clip --preset dedup
 	$(BIN)/python -m demo.train_head
 	$(BIN)/python -m demo.train_lm
 

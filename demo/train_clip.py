@@ -1,6 +1,7 @@
 """Train the toy CLIP of the demo, save it for open_clip's ``local-dir:`` loader, and pick its threshold.
 
-    python -m demo.train_clip            # ~2-3 minutes on 2 CPU cores; overwrites demo/assets/toy_clip/
+    python -m demo.train_clip                  # ~2-3 minutes on 2 CPU cores; overwrites demo/assets/toy_clip/
+    python -m demo.train_clip --preset dedup   # ~15 minutes; overwrites demo/assets/toy_clip_dedup/ (dedup.yaml's)
 
 1. Generate a mismatch-free training world (seed 1234, uniform concepts) and feed every image the way
    the demo pipeline will: img2dataset's ``Resizer`` to 64 px in ``border`` mode (the whole image is
@@ -12,7 +13,8 @@
    image freshly augmented each epoch *before* the pipeline's resizer (``--augment``: a crop of 0-6% per
    side, a rescale, a colour shift of up to 10 levels per channel, a JPEG re-encode at quality 30-95);
    batches of one colour on one background with different shapes (``--hard-batches``); an image-image
-   concept term (``--concept-weight``); another image tower (``--vision-cfg``, e.g. a small ResNet).
+   concept term (``--concept-weight``); another image tower (``--vision-cfg``, e.g. a small ResNet);
+   blurred and noisy images in the training world (``--degrade-rate``).
 3. Save ``open_clip_config.json`` + fp16 ``open_clip_model.safetensors``, so that
    ``open_clip.create_model_and_transforms("local-dir:demo/assets/toy_clip")``,
    ``open_clip.get_tokenizer("local-dir:demo/assets/toy_clip")`` and
@@ -69,7 +71,20 @@ PREPROCESS_CFG = {
     "resize_mode": "shortest",
     "fill_color": 0,
 }
+DEDUP_DIR = ASSET_DIR.parent / "toy_clip_dedup"
 TRAIN_SEED = 1234
+# ``--preset dedup``: the toy CLIP of workflows/dedup.yaml (the semantic tier and decontamination embed with
+# it). A small ModifiedResNet image tower (convolutions: a crop of a few pixels moves little), every image
+# augmented as the web copies it, batches of one colour and background, the image-image concept term, and
+# blurred and noisy images in the training world (so that two noisy images of different concepts do not
+# embed together). bench/RESULTS.md: the attempts that led here.
+PRESETS = {
+    "dedup": {
+        "out": DEDUP_DIR, "vision_cfg": {"image_size": IMAGE_SIZE, "layers": [1, 1, 1, 1], "width": 16},
+        "augment": True, "hard_batches": True, "concept_weight": 0.5, "crop_p": 1.0, "epochs": 12, "threads": 1,
+        "degrade_rate": 0.1,
+    },
+}  # fmt: skip
 CONCEPT_SCALE = 10.0  # inverse temperature of the image-image (concept) term
 DEMO_WORLD = {"n": 400, "seed": 0, "mismatch_rate": 0.15, "n_broken": 8}
 
@@ -192,6 +207,7 @@ def train(
     hard: bool = False,
     concept_weight: float = 0.0,
     crop_p: float = 0.5,
+    degrade_rate: float = 0.0,
 ) -> float:
     """Train and save into ``out_dir`` (config + fp16 safetensors). Returns the final epoch's mean loss.
 
@@ -210,7 +226,9 @@ def train(
     print(f"model: {n_params / 1e6:.2f} M parameters")
 
     t0 = time.perf_counter()
-    pairs = list(generate(n_train, seed=TRAIN_SEED, mismatch_rate=0.0, n_broken=0, zipf_s=0.0))
+    pairs = list(
+        generate(n_train, seed=TRAIN_SEED, mismatch_rate=0.0, n_broken=0, zipf_s=0.0, degrade_rate=degrade_rate)
+    )
     texts = tokenizer([p.caption for p in pairs])
     names = sorted({(p.true_colour, p.true_shape, p.background) for p in pairs})
     concept = torch.tensor([names.index((p.true_colour, p.true_shape, p.background)) for p in pairs])
@@ -338,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
         "--crop-p", type=float, default=0.5, help="experimental: share of augmented images cropped"
     )
     ap.add_argument(
+        "--degrade-rate", type=float, default=0.0,
+        help="experimental: share of blurred or noisy images in the training world (with their true captions)",
+    )  # fmt: skip
+    ap.add_argument(
         "--vision-cfg",
         type=json.loads,
         default=None,
@@ -345,6 +367,13 @@ def main(argv: list[str] | None = None) -> None:
         '\'{"image_size": 64, "layers": [1, 1, 1, 1], "width": 16}\' (a ModifiedResNet)',
     )
     ap.add_argument("--eval-only", action="store_true", help="only recompute demo_threshold.json")
+    ap.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None,
+        help="dedup: the toy CLIP of workflows/dedup.yaml (demo/assets/toy_clip_dedup; ~15 minutes on 2 cores)",
+    )  # fmt: skip
+    preset = ap.parse_known_args(argv)[0].preset
+    if preset:
+        ap.set_defaults(**PRESETS[preset])  # options given on the command line still win
     a = ap.parse_args(argv)
     if a.vision_cfg is not None:
         MODEL_CFG["vision_cfg"] = a.vision_cfg
@@ -364,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
             a.hard_batches,
             a.concept_weight,
             a.crop_p,
+            a.degrade_rate,
         )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)

@@ -10,7 +10,10 @@ Rule tag ``contaminated:eval``. The eval set (``eval_path``) is one of:
   of the same model that wrote the pool's ``embedding_column``;
 * a Parquet with an id column and an ``image`` column (bytes), or a folder of images (ids: file names):
   embedded once in ``setup()`` with ``model``/``pretrained``, loaded as ``clip_score`` loads them (use the
-  same model as the ``clip_score`` stage that wrote the pool's embeddings).
+  same model as the ``clip_score`` stage that wrote the pool's embeddings). With ``image_size`` set, each is
+  first resized and re-encoded by img2dataset's resizer as the ``download`` stage stored the pool's images
+  (same ``image_size``, ``resize_mode``, ``encode_format``, ``encode_quality``), so that an eval image and its
+  copy in the pool are framed and compressed alike (``border`` pads, the model's own transform centre-crops).
 
 Memory: a faiss inner-product index of the eval set (``eval rows x dim`` floats) per worker, built once in
 ``setup()``; each batch is one ``search`` against it.
@@ -18,7 +21,9 @@ Memory: a faiss inner-product index of the eval set (``eval rows x dim`` floats)
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +33,7 @@ from pydantic import Field
 
 from schemas import Status
 from stages.base import Stage, StageConfig, StageFailed, path_field, set_status
+from stages.download.config import RESIZE_MODES
 
 RULE = "contaminated:eval"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -57,6 +63,20 @@ class DecontaminateConfig(StageConfig):
         "Parquet holds embeddings.",
     )
     pretrained: str | None = path_field(None, description="Its pretrained tag or checkpoint path.")
+    image_size: int | None = Field(
+        None,
+        ge=1,
+        description="Resize and re-encode eval images first, as the `download` stage stored the pool's "
+        "(img2dataset's resizer): give the download stage's `image_size` (and below, its other settings). "
+        "`null`: embed them as they are.",
+    )
+    resize_mode: Literal[RESIZE_MODES] = Field(
+        "border", description="With `image_size`: the download stage's `resize_mode`."
+    )
+    encode_format: Literal["jpg", "png", "webp"] = Field(
+        "jpg", description="With `image_size`: the download stage's `encode_format`."
+    )
+    encode_quality: int = Field(95, description="With `image_size`: the download stage's `encode_quality`.")
     batch_size: int = Field(1024, ge=1, description="Rows per `process` call.")
 
 
@@ -106,12 +126,32 @@ class Decontaminate(Stage):
             raise ValueError("eval images need 'model' (the open_clip model of the pool's embeddings)")
         plan = ModelPlan("eval", self.config.model, self.config.pretrained, None, True, False, None, "", "")
         m = _models.load_model(plan, torch.device("cpu"))
+        images = self._resized(images)
         out = []
         with torch.inference_mode():
             for s in range(0, len(images), 64):
                 x = torch.stack([m.preprocess(_models.decode_image(b)) for b in images[s : s + 64]])
                 out.append(F.normalize(m.model.encode_image(x).float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+    def _resized(self, images: list[bytes]) -> list[bytes]:
+        """``images`` through img2dataset's resizer with the download stage's size and mode (``image_size``)."""
+        c = self.config
+        if c.image_size is None:
+            return images
+        from stages.download.images import img2dataset_module
+
+        resizer = img2dataset_module("resizer").Resizer(
+            image_size=c.image_size, resize_mode=c.resize_mode, resize_only_if_bigger=False,
+            encode_format=c.encode_format, encode_quality=c.encode_quality,
+        )  # fmt: skip
+        out = []
+        for i, b in enumerate(images):
+            data, *_, err = resizer(io.BytesIO(b))
+            if err is not None:
+                raise ValueError(f"{c.eval_path}: eval image {i} cannot be resized: {err}")
+            out.append(data)
+        return out
 
     def setup(self) -> None:
         import faiss

@@ -314,14 +314,23 @@ def filter_dedup_workflow(pool: str, **top) -> dict:
     return {**top, "stages": stages}
 
 
+def _dedup_clip() -> str:
+    """The model folder workflows/dedup.yaml's clip_score embeds with (``demo/assets/toy_clip_dedup``)."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "workflows" / "dedup.yaml").read_text())["stages"]
+    return next(s["clip_score"]["model"] for s in stages if "clip_score" in s).removeprefix("local-dir:")
+
+
+DEDUP_CLIP = _dedup_clip()
 COPIES_N, COPIES_K = 400, 120  # the near-copies world of the dedup-tier tests: 400 pairs + 120 near-copies
 
 
 @pytest.fixture(scope="session")
 def copies_pool(tmp_path_factory):
     """The shapes world with near-copies (``make_world(..., n_copies=120)``, ``demo/copies.py``), served on
-    127.0.0.1, downloaded with the demo workflow's settings (64 px, border, JPEG q90) and scored by the toy
-    CLIP with embeddings on (no Ray): the ``ok`` rows, keys ``0000``... (world index), with the generator's
+    127.0.0.1, downloaded with the demo workflow's settings (64 px, border, JPEG q90) and scored by the dedup
+    workflow's toy CLIP (``DEDUP_CLIP``) with embeddings on (no Ray): the ``ok`` rows, keys ``0000``... (world index), with the generator's
     ground truth (``copy_of``, ``copy_kind``, ``concept_rows``, ``true_colour``, ``true_shape``,
     ``background``)."""
     import pyarrow.compute as pc
@@ -350,6 +359,6 @@ def copies_pool(tmp_path_factory):
             allowed_networks=["127.0.0.0/8"],
         )  # fmt: skip
     clip = ClipScore(
-        {"model": f"local-dir:{REPO / 'demo' / 'assets' / 'toy_clip'}", "device": "cpu", "embeddings": True}
+        {"model": f"local-dir:{REPO / DEDUP_CLIP}", "device": "cpu", "embeddings": True}
     )
     return clip(rows).filter(pc.equal(pc.field("status"), "ok"))

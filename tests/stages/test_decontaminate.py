@@ -1,23 +1,26 @@
 """``decontaminate`` (issue 13, acceptance 4): pool rows within the cosine threshold of a small eval set drawn
 from the demo world are removed, and nothing else, against an independent numpy brute force.
 
-Real parts: the shapes world with near-copies downloaded and scored by the toy CLIP (``copies_pool``), faiss,
-the toy CLIP loaded by open_clip for the eval images.
+Real parts: the shapes world with near-copies downloaded and scored by the dedup workflow's toy CLIP
+(``copies_pool``), faiss, the same toy CLIP loaded by open_clip for the eval images.
 """
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from stages.base import StageFailed
 from stages.decontaminate import Decontaminate
-from tests.conftest import REPO
+from tests.conftest import DEDUP_CLIP, REPO
 
 THRESHOLD = 0.996  # workflows/dedup.yaml
-TOY = f"local-dir:{REPO / 'demo' / 'assets' / 'toy_clip'}"
+TOY = f"local-dir:{REPO / DEDUP_CLIP}"  # the model copies_pool embeds with (workflows/dedup.yaml)
 
 
 def unit(x) -> np.ndarray:
@@ -90,3 +93,39 @@ def test_a_bad_eval_set_fails_the_run_not_the_rows(copies_pool, tmp_path):
         Decontaminate({"eval_path": str(tmp_path / "e.parquet")})(copies_pool.slice(0, 4))
     with pytest.raises(StageFailed, match="eval embeddings have 2 dims, the pool's 64"):
         Decontaminate({"eval_path": str(tmp_path / "e.parquet"), "id_column": "id"})(copies_pool.slice(0, 4))
+
+
+def test_eval_images_are_resized_as_the_pool_was_downloaded(tmp_path):
+    """``image_size`` and the other download settings: raw (some non-square) shapes images as the eval set, and their pool copies as
+    the download stage stores them (img2dataset's resizer, 64 px, ``border``, JPEG q90). Resized first, each eval
+    image finds its own pool row at cosine >= the workflow's threshold; embedded as it is (centre-cropped by the
+    model's transform, never JPEG-compressed) the cosines drop, below the threshold for some."""
+    from img2dataset.resizer import Resizer
+
+    from demo.world import generate
+
+    raw = [p.data for p in generate(16, seed=5, mismatch_rate=0.0) if p.broken is None][:12]
+    sizes = []
+    for b in raw:
+        with Image.open(io.BytesIO(b)) as im:
+            sizes.append(im.size)
+    assert any(w != h for w, h in sizes), "some eval images are not square"
+    rz = Resizer(64, "border", False, encode_format="jpg", encode_quality=90)
+    stored = [rz(io.BytesIO(b))[0] for b in raw]
+    keys = [f"{i:04d}" for i in range(len(raw))]
+    pool_emb = Decontaminate({"eval_path": str(tmp_path), "model": TOY})._embed(stored)
+    pool = pa.table({"key": keys, "status": ["ok"] * len(keys), "reason": pa.nulls(len(keys), pa.string()),
+                     "rule": pa.nulls(len(keys), pa.string()),
+                     "image_embedding": pa.array(pool_emb.tolist(), pa.list_(pa.float32()))})  # fmt: skip
+    pq.write_table(pa.table({"key": [f"eval-{k}" for k in keys], "image": raw}), tmp_path / "eval.parquet")
+    cfg = {"eval_path": str(tmp_path / "eval.parquet"), "min_similarity": THRESHOLD, "model": TOY}
+    as_download = {"image_size": 64, "resize_mode": "border", "encode_format": "jpg", "encode_quality": 90}
+    got = removed(Decontaminate({**cfg, **as_download}), pool)
+    assert set(got) == set(keys), "every pool copy of an eval image is found"
+    for k, (status, reason, _) in got.items():
+        assert status == "contaminated" and reason.endswith(f"eval-{k}")
+    as_is = Decontaminate(cfg)._embed(raw)
+    resized = Decontaminate({**cfg, **as_download})._embed(raw)
+    cos_as_is, cos_resized = (np.sum(e * pool_emb, axis=1) for e in (as_is, resized))
+    assert cos_resized.min() >= THRESHOLD and cos_as_is.min() < cos_resized.min()
+    assert len(removed(Decontaminate(cfg), pool)) < len(keys)
