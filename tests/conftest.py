@@ -330,9 +330,9 @@ COPIES_N, COPIES_K = 400, 120  # the near-copies world of the dedup-tier tests: 
 def copies_pool(tmp_path_factory):
     """The shapes world with near-copies (``make_world(..., n_copies=120)``, ``demo/copies.py``), served on
     127.0.0.1, downloaded with the demo workflow's settings (64 px, border, JPEG q90) and scored by the dedup
-    workflow's toy CLIP (``DEDUP_CLIP``) with embeddings on (no Ray): the ``ok`` rows, keys ``0000``... (world index), with the generator's
-    ground truth (``copy_of``, ``copy_kind``, ``concept_rows``, ``true_colour``, ``true_shape``,
-    ``background``)."""
+    workflow's toy CLIP (``DEDUP_CLIP``) with embeddings on (no Ray): the ``ok`` rows, keys ``0000``... (world
+    index), with the generator's ground truth (``copy_of``, ``copy_kind``, ``concept_rows``, ``true_colour``,
+    ``true_shape``, ``background``)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
