@@ -2,8 +2,8 @@
 run in one process (``run_local``); and the dedup workflow that ships its eps.
 
 Real parts: the shapes world with near-copies served on 127.0.0.1, downloaded with the demo settings and
-scored by the dedup workflow's toy CLIP (``demo/assets/toy_clip_dedup``) with embeddings on (``copies_pool``), faiss's k-means. The oracle is a
-brute-force numpy comparison of every pair of a cluster.
+scored by the dedup workflow's toy CLIP (``demo/assets/toy_clip_dedup``) with embeddings on (``copies_pool``),
+faiss's k-means. The oracle is a brute-force numpy comparison of every pair of a cluster.
 """
 
 from __future__ import annotations
