@@ -9,7 +9,8 @@ copy to its original, the nearest other row of each row whose concept (colour x 
 has, the largest cosine between different concepts by what differs, and SemDeDup's rates (``run_local``, blocks
 of 128, 4 partitions, ``hard``) for each eps: copies found (the copy or its original flagged), rows of a
 distinct concept flagged, distinct renderings of a shared concept flagged. Used to compare toy CLIP trainings
-(``demo/train_clip.py`` options); the tests measure the committed model through the real download stage.
+(``demo/train_clip.py`` options); the tests measure the dedup workflow's model
+(``demo/assets/toy_clip_dedup``) through the real download stage.
 """
 
 from __future__ import annotations
