@@ -8,8 +8,9 @@
    kept, padded with white to a square), JPEG re-encode, then open_clip's own preprocess transform.
 2. Train a tiny open_clip ``CLIP`` (3-layer ViT, 64 px, narrow text tower on open_clip's default BPE
    vocab) with open_clip's ``ClipLoss`` (in-batch contrastive), deterministic, on CPU, on the same
-   prepared images every epoch (the committed weights). Experimental options, for the semantic dedup tier
-   (issue 13; ``bench/toy_clip_dedup.py`` measures a candidate, bench/RESULTS.md has the attempts): every
+   prepared images every epoch (``demo/assets/toy_clip``). Options for the semantic dedup tier (issue 13;
+   ``--preset dedup`` sets those of ``demo/assets/toy_clip_dedup``; ``bench/toy_clip_dedup.py`` measures a
+   candidate, bench/RESULTS.md has the attempts): every
    image freshly augmented each epoch *before* the pipeline's resizer (``--augment``: a crop of 0-6% per
    side, a rescale, a colour shift of up to 10 levels per channel, a JPEG re-encode at quality 30-95);
    batches of one colour on one background with different shapes (``--hard-batches``); an image-image
@@ -208,16 +209,20 @@ def train(
     concept_weight: float = 0.0,
     crop_p: float = 0.5,
     degrade_rate: float = 0.0,
+    vision_cfg: dict | None = None,
 ) -> float:
     """Train and save into ``out_dir`` (config + fp16 safetensors). Returns the final epoch's mean loss.
 
-    The defaults train the committed weights. Experimental (issue 13, semantic dedup; not what the committed
-    weights were trained with): ``augmented`` augments every image afresh each epoch (``augment``), ``hard``
-    batches by ``hard_batches``, ``concept_weight`` adds a supervised-contrastive term on two augmented views
-    per image whose positives are the images of the same concept (colour, shape, background)."""
+    The defaults train ``demo/assets/toy_clip``. For the semantic dedup tier (issue 13; ``--preset dedup`` sets
+    them and trains ``demo/assets/toy_clip_dedup``): ``augmented`` augments every image afresh each epoch
+    (``augment``), ``hard`` batches by ``hard_batches``, ``concept_weight`` adds a supervised-contrastive term
+    on two augmented views per image whose positives are the images of the same concept (colour, shape,
+    background), ``degrade_rate`` puts blurred and noisy images in the training world, ``vision_cfg`` replaces
+    the ViT image tower (open_clip ``vision_cfg``)."""
     set_determinism(TRAIN_SEED, threads)
     out_dir.mkdir(parents=True)
-    config = {"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}
+    model_cfg = MODEL_CFG if vision_cfg is None else {**MODEL_CFG, "vision_cfg": vision_cfg}
+    config = {"model_cfg": model_cfg, "preprocess_cfg": PREPROCESS_CFG}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     # No weights in the folder yet: open_clip builds the model from the config, randomly initialised.
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out_dir}")
@@ -375,8 +380,6 @@ def main(argv: list[str] | None = None) -> None:
     if preset:
         ap.set_defaults(**PRESETS[preset])  # options given on the command line still win
     a = ap.parse_args(argv)
-    if a.vision_cfg is not None:
-        MODEL_CFG["vision_cfg"] = a.vision_cfg
     out = a.out.resolve()
     if not a.eval_only:
         staging = out.with_name(out.name + ".tmp")
@@ -394,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             a.concept_weight,
             a.crop_p,
             a.degrade_rate,
+            a.vision_cfg,
         )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
